@@ -1,0 +1,153 @@
+//! The shared handle every task gets: live config, pools, cancel registry, counters. No globals.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
+use tokio::sync::watch;
+
+use crate::auth::secret::{ScramSecret, Secret};
+use crate::backend::pool::PoolSettings;
+use crate::backend::{Pool, PoolKey, ServerTarget, UpstreamCredential};
+use crate::cancel::CancelRegistry;
+use crate::config::{Config, Database, PoolMode, User};
+use crate::error::{Error, Result};
+
+/// Iterations for verifiers pgsurge derives from plaintext passwords (Postgres' default).
+const SCRAM_ITERATIONS: u32 = 4096;
+
+/// How far shutdown has gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Shutdown {
+    Running,
+    /// SIGTERM: stop accepting, let transactions finish.
+    Draining,
+    /// Close everything now.
+    Immediate,
+}
+
+/// Process-wide counters (the per-pool ones live in each pool).
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub clients: AtomicUsize,
+    pub clients_total: AtomicU64,
+    pub protocol_errors: AtomicU64,
+    pub auth_failures: AtomicU64,
+}
+
+pub struct App {
+    pub config: ArcSwap<Config>,
+    pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
+    /// SCRAM verifiers derived once per plaintext password (PBKDF2 is deliberately slow).
+    verifiers: Mutex<HashMap<String, Arc<ScramSecret>>>,
+    pub cancels: CancelRegistry,
+    pub counters: Counters,
+    pub shutdown: watch::Sender<Shutdown>,
+}
+
+impl App {
+    pub fn new(config: Config) -> Arc<App> {
+        Arc::new(App {
+            config: ArcSwap::from_pointee(config),
+            pools: Mutex::new(HashMap::new()),
+            verifiers: Mutex::new(HashMap::new()),
+            cancels: CancelRegistry::default(),
+            counters: Counters::default(),
+            shutdown: watch::channel(Shutdown::Running).0,
+        })
+    }
+
+    pub fn shutdown_state(&self) -> Shutdown {
+        *self.shutdown.borrow()
+    }
+
+    /// The SCRAM verifier a client of `user` must match.
+    pub fn scram_verifier(&self, user: &User) -> Option<Arc<ScramSecret>> {
+        match &user.secret {
+            Secret::Scram(s) => Some(Arc::new(s.clone())),
+            Secret::Plain(pw) => {
+                let mut v = self.verifiers.lock();
+                let key = format!("{}\0{}", user.name, pw);
+                Some(v.entry(key).or_insert_with(|| Arc::new(ScramSecret::from_password(pw, SCRAM_ITERATIONS))).clone())
+            }
+            _ => None,
+        }
+    }
+
+    pub fn pools(&self) -> Vec<Arc<Pool>> {
+        let mut v: Vec<_> = self.pools.lock().values().cloned().collect();
+        v.sort_by(|a, b| a.key.cmp(&b.key));
+        v
+    }
+
+    /// The pool for a client of `db` logged in as `user`, created on first use.
+    pub fn pool(&self, db: &Database, user: &User) -> Result<Arc<Pool>> {
+        let key = PoolKey { database: db.name.clone(), user: user.name.clone() };
+        if let Some(p) = self.pools.lock().get(&key) {
+            return Ok(p.clone());
+        }
+        let cfg = self.config.load();
+        let (login_user, credential) = match &db.user {
+            Some((u, Some(pw))) => (u.clone(), UpstreamCredential::Password(pw.clone())),
+            Some((u, None)) => (u.clone(), cfg.users.get(u).map(|x| credential_of(&x.secret)).unwrap_or(UpstreamCredential::None)),
+            None => (user.name.clone(), credential_of(&user.secret)),
+        };
+        let target = ServerTarget { host: db.host.clone(), port: db.port, dbname: db.dbname.clone(), user: login_user, credential };
+        let pool = Pool::new(key.clone(), target, pool_settings(&cfg, db, user));
+        Ok(self.pools.lock().entry(key).or_insert(pool).clone())
+    }
+
+    /// Looks up the configured database a client asked for.
+    pub fn database(&self, name: &str) -> Result<Database> {
+        self.config.load().databases.get(name).cloned().ok_or_else(|| Error::NoSuchDatabase(name.to_string()))
+    }
+
+    pub fn pool_mode(&self, db: &Database) -> PoolMode {
+        db.pool_mode
+    }
+
+    pub fn client_count(&self) -> usize {
+        self.counters.clients.load(Ordering::Relaxed)
+    }
+}
+
+fn credential_of(s: &Secret) -> UpstreamCredential {
+    match s {
+        Secret::Plain(p) => UpstreamCredential::Password(p.clone()),
+        Secret::Md5(h) => UpstreamCredential::Md5(h.clone()),
+        Secret::Scram(_) | Secret::None => UpstreamCredential::None,
+    }
+}
+
+pub fn pool_settings(cfg: &Config, db: &Database, user: &User) -> PoolSettings {
+    PoolSettings {
+        size: user.pool_size.unwrap_or(db.pool_size),
+        min_size: cfg.min_pool_size.min(user.pool_size.unwrap_or(db.pool_size)),
+        connect_timeout: cfg.server_connect_timeout,
+        lifetime: cfg.server_lifetime,
+        idle_timeout: cfg.server_idle_timeout,
+        check_delay: cfg.server_check_delay,
+    }
+}
+
+impl App {
+    /// Swaps in a validated new configuration. Pools pick up new sizes and timeouts at once; the returned notes
+    /// name keys that only a restart applies.
+    pub fn reload(&self, new: Config) -> Vec<String> {
+        let old = self.config.load_full();
+        let mut notes = vec![];
+        for (key, changed) in [("listen", old.listen != new.listen), ("admin_listen", old.admin_listen != new.admin_listen), ("workers", old.workers != new.workers), ("log_format", old.log_format != new.log_format)] {
+            if changed {
+                notes.push(format!("{key} changed in the file but needs a restart; the running value stays"));
+            }
+        }
+        for pool in self.pools() {
+            let (Some(db), Some(user)) = (new.databases.get(&pool.key.database), new.users.get(&pool.key.user)) else { continue };
+            pool.update_settings(pool_settings(&new, db, user));
+        }
+        self.config.store(Arc::new(new));
+        notes
+    }
+}

@@ -1,0 +1,315 @@
+//! A pool of server connections for one (database, user): a FIFO semaphore bounds checkouts, idle connections
+//! wait in a stack (warmest first), and failed connects back off so a restarting Postgres is not stormed.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+
+use super::checkout::Checkout;
+use super::server::{ServerConn, ServerTarget, UpstreamCredential};
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PoolKey {
+    pub database: String,
+    pub user: String,
+}
+
+/// Timeouts a pool applies; replaced on reload.
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    pub size: usize,
+    pub min_size: usize,
+    pub connect_timeout: Duration,
+    pub lifetime: Duration,
+    pub idle_timeout: Duration,
+    pub check_delay: Duration,
+}
+
+/// Counters read by the admin console and /metrics.
+#[derive(Debug, Default)]
+pub struct PoolStats {
+    pub checkouts: AtomicU64,
+    pub transactions: AtomicU64,
+    pub queries: AtomicU64,
+    pub wait_us_total: AtomicU64,
+    pub wait_timeouts: AtomicU64,
+    pub connects: AtomicU64,
+    pub connect_failures: AtomicU64,
+    pub closed_dirty: AtomicU64,
+    pub bytes_to_server: AtomicU64,
+    pub bytes_to_client: AtomicU64,
+    pub waiting: AtomicUsize,
+    pub active: AtomicUsize,
+}
+
+struct Backoff {
+    failing: bool,
+    delay: Duration,
+    next_attempt: Instant,
+    last_error: Option<String>,
+}
+
+pub struct Pool {
+    pub key: PoolKey,
+    target: Mutex<ServerTarget>,
+    settings: Mutex<PoolSettings>,
+    idle: Mutex<Vec<ServerConn>>,
+    permits: Arc<Semaphore>,
+    /// Permits currently owned by the pool (its size); the semaphore is grown or shrunk to match on reload.
+    size: AtomicUsize,
+    /// While connects fail, only the holder of this gate tries; the others wait for its verdict.
+    connect_gate: tokio::sync::Mutex<()>,
+    backoff: Mutex<Backoff>,
+    /// ParameterStatus values clients receive at login, learned from the first server connection.
+    login_params: Mutex<Option<Vec<(String, String)>>>,
+    next_id: AtomicU64,
+    pub total_servers: AtomicUsize,
+    pub stats: PoolStats,
+}
+
+const BACKOFF_START: Duration = Duration::from_millis(50);
+const BACKOFF_CAP: Duration = Duration::from_millis(500);
+
+impl Pool {
+    pub fn new(key: PoolKey, target: ServerTarget, settings: PoolSettings) -> Arc<Pool> {
+        let size = settings.size;
+        Arc::new(Pool {
+            key,
+            target: Mutex::new(target),
+            settings: Mutex::new(settings),
+            idle: Mutex::new(Vec::new()),
+            permits: Arc::new(Semaphore::new(size)),
+            size: AtomicUsize::new(size),
+            connect_gate: tokio::sync::Mutex::new(()),
+            backoff: Mutex::new(Backoff { failing: false, delay: BACKOFF_START, next_attempt: Instant::now(), last_error: None }),
+            login_params: Mutex::new(None),
+            next_id: AtomicU64::new(1),
+            total_servers: AtomicUsize::new(0),
+            stats: PoolStats::default(),
+        })
+    }
+
+    pub fn settings(&self) -> PoolSettings {
+        self.settings.lock().clone()
+    }
+
+    /// Applies new settings; a size change takes effect at once for new checkouts.
+    pub fn update_settings(&self, s: PoolSettings) {
+        let old = self.size.swap(s.size, Ordering::SeqCst);
+        if s.size > old {
+            self.permits.add_permits(s.size - old);
+        } else if s.size < old {
+            let permits = self.permits.clone();
+            let shrink = old - s.size;
+            tokio::spawn(async move {
+                // Take the permits back as checkouts end, then forget them.
+                if let Ok(p) = permits.acquire_many_owned(shrink as u32).await {
+                    p.forget();
+                }
+            });
+        }
+        *self.settings.lock() = s;
+    }
+
+    /// Replaces the credential (SCRAM passthrough learns client keys at a client's login).
+    pub fn set_credential(&self, c: UpstreamCredential) {
+        self.target.lock().credential = c;
+    }
+
+    pub fn has_credential(&self) -> bool {
+        !matches!(self.target.lock().credential, UpstreamCredential::None)
+    }
+
+    pub fn target(&self) -> ServerTarget {
+        self.target.lock().clone()
+    }
+
+    pub fn login_params(&self) -> Option<Vec<(String, String)>> {
+        self.login_params.lock().clone()
+    }
+
+    pub fn idle_count(&self) -> usize {
+        self.idle.lock().len()
+    }
+
+    pub fn size(&self) -> usize {
+        self.size.load(Ordering::Relaxed)
+    }
+
+    /// Waits (FIFO) up to `wait` for a server connection.
+    pub async fn checkout(self: &Arc<Self>, wait: Duration) -> Result<Checkout> {
+        let started = Instant::now();
+        let deadline = started + wait;
+        self.stats.waiting.fetch_add(1, Ordering::Relaxed);
+        let permit = tokio::time::timeout_at(deadline, self.permits.clone().acquire_owned()).await;
+        self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+        let permit = match permit {
+            Ok(Ok(p)) => p,
+            _ => return Err(self.wait_error(wait)),
+        };
+        let conn = match self.take_idle() {
+            Some(c) => c,
+            None => self.connect_until(deadline, wait).await?,
+        };
+        let waited = started.elapsed();
+        self.stats.wait_us_total.fetch_add(waited.as_micros() as u64, Ordering::Relaxed);
+        self.stats.checkouts.fetch_add(1, Ordering::Relaxed);
+        Ok(Checkout::new(conn, self.clone(), permit))
+    }
+
+    /// Pops the warmest idle connection that is still good; closes the ones that are not.
+    fn take_idle(&self) -> Option<ServerConn> {
+        let s = self.settings.lock().clone();
+        loop {
+            let mut c = self.idle.lock().pop()?;
+            let now = Instant::now();
+            let expired = now.duration_since(c.created) >= s.lifetime;
+            let stale = now.duration_since(c.last_used) >= s.check_delay && !c.looks_alive();
+            if expired || stale {
+                self.forget(c);
+                continue;
+            }
+            return Some(c);
+        }
+    }
+
+    fn wait_error(&self, wait: Duration) -> Error {
+        self.stats.wait_timeouts.fetch_add(1, Ordering::Relaxed);
+        let b = self.backoff.lock();
+        match (&b.last_error, b.failing) {
+            (Some(reason), true) => Error::UpstreamConnect { addr: self.target.lock().addr(), reason: reason.clone() },
+            _ => Error::WaitTimeout(wait),
+        }
+    }
+
+    /// Connects, retrying transient failures with a capped backoff until `deadline`.
+    async fn connect_until(&self, deadline: Instant, wait: Duration) -> Result<ServerConn> {
+        loop {
+            let failing = self.backoff.lock().failing;
+            // While failing, one prober at a time; the others queue behind the gate instead of storming.
+            let _gate = if failing {
+                match tokio::time::timeout_at(deadline, self.connect_gate.lock()).await {
+                    Ok(g) => Some(g),
+                    Err(_) => return Err(self.wait_error(wait)),
+                }
+            } else {
+                None
+            };
+            let next = self.backoff.lock().next_attempt;
+            if next > Instant::now() {
+                if next >= deadline {
+                    tokio::time::sleep_until(deadline).await;
+                    return Err(self.wait_error(wait));
+                }
+                tokio::time::sleep_until(next).await;
+            }
+            let target = self.target();
+            let timeout = self.settings.lock().connect_timeout.min(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)));
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            match ServerConn::connect(id, &target, timeout).await {
+                Ok(c) => {
+                    let mut b = self.backoff.lock();
+                    b.failing = false;
+                    b.delay = BACKOFF_START;
+                    b.last_error = None;
+                    drop(b);
+                    self.stats.connects.fetch_add(1, Ordering::Relaxed);
+                    self.total_servers.fetch_add(1, Ordering::Relaxed);
+                    self.login_params.lock().get_or_insert_with(|| c.reported.clone());
+                    return Ok(c);
+                }
+                Err(e) => {
+                    self.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+                    if !transient(&e) {
+                        return Err(e);
+                    }
+                    let mut b = self.backoff.lock();
+                    b.failing = true;
+                    b.next_attempt = Instant::now() + b.delay;
+                    b.delay = (b.delay * 2).min(BACKOFF_CAP);
+                    b.last_error = Some(e.to_string());
+                    drop(b);
+                    tracing::warn!(pool = %self.key.database, user = %self.key.user, error = %e, "server connect failed; retrying");
+                    if Instant::now() >= deadline {
+                        return Err(self.wait_error(wait));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Takes back a clean connection (called by the checkout guard).
+    pub(super) fn checkin(&self, mut c: ServerConn) {
+        let s = self.settings.lock().clone();
+        let now = Instant::now();
+        if now.duration_since(c.created) >= s.lifetime || self.idle.lock().len() >= s.size {
+            self.forget(c);
+            return;
+        }
+        c.last_used = now;
+        self.idle.lock().push(c);
+    }
+
+    /// After a server connection died (Postgres restarting?), closes the idle ones that are dead too.
+    pub fn purge_dead_idle(&self) {
+        let dead: Vec<ServerConn> = {
+            let mut idle = self.idle.lock();
+            let (alive, dead) = idle.drain(..).partition(|c: &ServerConn| {
+                let mut probe = [0u8; 1];
+                matches!(c.stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+            });
+            *idle = alive;
+            dead
+        };
+        for c in dead {
+            self.forget(c);
+        }
+    }
+
+    /// Closes a server connection for good.
+    pub(super) fn forget(&self, c: ServerConn) {
+        self.total_servers.fetch_sub(1, Ordering::Relaxed);
+        drop(c);
+    }
+
+    /// Periodic upkeep: closes connections idle too long and opens up to `min_pool_size`.
+    pub async fn maintain(self: &Arc<Self>) {
+        let s = self.settings();
+        let now = Instant::now();
+        let stale: Vec<ServerConn> = {
+            let mut idle = self.idle.lock();
+            let (old, keep): (Vec<_>, Vec<_>) = idle
+                .drain(..)
+                .partition(|c| now.duration_since(c.last_used) >= s.idle_timeout || now.duration_since(c.created) >= s.lifetime);
+            *idle = keep;
+            old
+        };
+        for c in stale {
+            self.forget(c);
+        }
+        while self.total_servers.load(Ordering::Relaxed) < s.min_size && self.has_credential() {
+            let Ok(permit) = self.permits.clone().try_acquire_owned() else { break };
+            match self.connect_until(Instant::now() + s.connect_timeout, s.connect_timeout).await {
+                Ok(c) => {
+                    self.checkin(c);
+                    drop(permit);
+                }
+                Err(_) => break,
+            }
+        }
+    }
+}
+
+/// Failures worth retrying: the server is unreachable, starting up, or out of connection slots.
+fn transient(e: &Error) -> bool {
+    match e {
+        Error::UpstreamConnect { .. } | Error::UpstreamLost(_) | Error::Io(_) => true,
+        Error::Server(v) => matches!(v.code.as_str(), "57P03" | "53300" | "57P01" | "08006" | "08001"),
+        _ => false,
+    }
+}

@@ -1,0 +1,277 @@
+//! Typed, validated configuration: flags > environment > file > defaults, resolved into databases and users.
+
+mod authfile;
+mod settings;
+mod upstream;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+pub use authfile::parse_auth_file;
+pub use settings::{Command, DatabaseSettings, Dur, Settings, UserSettings};
+pub use upstream::UpstreamUrl;
+
+use crate::auth::secret::Secret;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolMode {
+    /// The server connection is held for one transaction.
+    Transaction,
+    /// The server connection is held for the whole client session.
+    Session,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMethod {
+    ScramSha256,
+    Md5,
+    Trust,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Where a client-visible database lives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Database {
+    pub name: String,
+    pub host: String,
+    pub port: u16,
+    pub dbname: String,
+    /// Forced upstream login, else the client's own user.
+    pub user: Option<(String, Option<String>)>,
+    pub pool_size: usize,
+    pub pool_mode: PoolMode,
+}
+
+/// A user clients may log in as, with what pgsurge knows of its password.
+#[derive(Debug, Clone, PartialEq)]
+pub struct User {
+    pub name: String,
+    pub secret: Secret,
+    pub auth: AuthMethod,
+    pub pool_size: Option<usize>,
+}
+
+/// The whole validated configuration. Immutable; a reload builds a new one and swaps it in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub listen: String,
+    pub admin_listen: Option<String>,
+    pub pool_mode: PoolMode,
+    pub pool_size: usize,
+    pub min_pool_size: usize,
+    pub max_client_conn: usize,
+    pub query_wait_timeout: Duration,
+    pub server_connect_timeout: Duration,
+    pub server_lifetime: Duration,
+    pub server_idle_timeout: Duration,
+    pub server_check_delay: Duration,
+    pub client_login_timeout: Duration,
+    pub shutdown_timeout: Duration,
+    pub auth_type: AuthMethod,
+    pub max_message_size: usize,
+    pub workers: usize,
+    pub log_format: LogFormat,
+    pub databases: BTreeMap<String, Database>,
+    pub users: BTreeMap<String, User>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("configuration: {0}")]
+pub struct ConfigError(pub String);
+
+fn bad(msg: impl Into<String>) -> ConfigError {
+    ConfigError(msg.into())
+}
+
+impl Config {
+    /// Reads the file named by `cli.config` (if any) under the flags/env already in `cli`, and builds.
+    pub fn load(cli: Settings) -> Result<Config, ConfigError> {
+        let file = match &cli.config {
+            Some(path) => read_file(path)?,
+            None => Settings::default(),
+        };
+        Config::build(cli.layer(file))
+    }
+
+    /// Defaults, validation and resolution of databases and users.
+    pub fn build(s: Settings) -> Result<Config, ConfigError> {
+        let pool_mode = parse_pool_mode(s.pool_mode.as_deref().unwrap_or("transaction"))?;
+        let pool_size = s.pool_size.unwrap_or(20);
+        if pool_size == 0 {
+            return Err(bad("pool_size must be at least 1"));
+        }
+        let min_pool_size = s.min_pool_size.unwrap_or(0);
+        if min_pool_size > pool_size {
+            return Err(bad(format!("min_pool_size {min_pool_size} is larger than pool_size {pool_size}")));
+        }
+        let auth_type = parse_auth(s.auth_type.as_deref().unwrap_or("scram-sha-256"))?;
+        let log_format = match s.log_format.as_deref().unwrap_or("text") {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            o => return Err(bad(format!("log_format must be text or json, not {o:?}"))),
+        };
+        let max_message_size = s.max_message_size.unwrap_or(256 << 20);
+        if max_message_size < 1024 {
+            return Err(bad("max_message_size must be at least 1024 bytes"));
+        }
+        let listen = s.listen.clone().unwrap_or_else(|| "127.0.0.1:6432".into());
+        check_addr("listen", &listen)?;
+        let admin_listen = match s.admin_listen.clone() {
+            Some(a) if a.is_empty() => None,
+            Some(a) => Some(a),
+            None => Some("127.0.0.1:9930".into()),
+        };
+        if let Some(a) = &admin_listen {
+            check_addr("admin_listen", a)?;
+        }
+
+        let mut users = BTreeMap::new();
+        let mut databases = BTreeMap::new();
+        if let Some(url) = &s.upstream {
+            let u = UpstreamUrl::parse(url).map_err(bad)?;
+            users.insert(u.user.clone(), User { name: u.user.clone(), secret: Secret::from_config(&u.password), auth: auth_type, pool_size: None });
+            databases.insert(
+                u.dbname.clone(),
+                Database { name: u.dbname.clone(), host: u.host, port: u.port, dbname: u.dbname, user: None, pool_size, pool_mode },
+            );
+        }
+        if let Some(path) = &s.auth_file {
+            let text = std::fs::read_to_string(path).map_err(|e| bad(format!("auth_file {}: {e}", path.display())))?;
+            for (name, pw) in parse_auth_file(&text).map_err(|e| bad(format!("auth_file {}: {e}", path.display())))? {
+                users.insert(name.clone(), User { name, secret: Secret::from_config(&pw), auth: auth_type, pool_size: None });
+            }
+        }
+        for (name, u) in &s.users {
+            let auth = match &u.auth_type {
+                Some(a) => parse_auth(a)?,
+                None => auth_type,
+            };
+            let secret = match &u.password {
+                Some(p) => Secret::from_config(p),
+                None => users.get(name).map(|x: &User| x.secret.clone()).unwrap_or(Secret::None),
+            };
+            if secret == Secret::None && auth != AuthMethod::Trust {
+                return Err(bad(format!("users.{name}: no password, and auth_type is not trust")));
+            }
+            users.insert(name.clone(), User { name: name.clone(), secret, auth, pool_size: u.pool_size });
+        }
+        for (name, d) in &s.databases {
+            let default_host = databases.values().next().map(|x: &Database| (x.host.clone(), x.port));
+            let host = d.host.clone().or_else(|| default_host.as_ref().map(|h| h.0.clone())).unwrap_or_else(|| "127.0.0.1".into());
+            let port = d.port.or(default_host.map(|h| h.1)).unwrap_or(5432);
+            let db_mode = match &d.pool_mode {
+                Some(m) => parse_pool_mode(m)?,
+                None => pool_mode,
+            };
+            databases.insert(
+                name.clone(),
+                Database {
+                    name: name.clone(),
+                    host,
+                    port,
+                    dbname: d.dbname.clone().unwrap_or_else(|| name.clone()),
+                    user: d.user.clone().map(|u| (u, d.password.clone())),
+                    pool_size: d.pool_size.unwrap_or(pool_size),
+                    pool_mode: db_mode,
+                },
+            );
+        }
+        if databases.is_empty() {
+            return Err(bad("no upstream: give --upstream postgres://USER:PASS@HOST:PORT/DB or a [databases] section"));
+        }
+        if users.is_empty() {
+            return Err(bad("no users: give --upstream with a user and password, --auth-file, or [users] sections"));
+        }
+        Ok(Config {
+            listen,
+            admin_listen,
+            pool_mode,
+            pool_size,
+            min_pool_size,
+            max_client_conn: s.max_client_conn.unwrap_or(10_000),
+            query_wait_timeout: s.query_wait_timeout.map(|d| d.0).unwrap_or(Duration::from_secs(30)),
+            server_connect_timeout: s.server_connect_timeout.map(|d| d.0).unwrap_or(Duration::from_secs(5)),
+            server_lifetime: s.server_lifetime.map(|d| d.0).unwrap_or(Duration::from_secs(3600)),
+            server_idle_timeout: s.server_idle_timeout.map(|d| d.0).unwrap_or(Duration::from_secs(600)),
+            server_check_delay: s.server_check_delay.map(|d| d.0).unwrap_or(Duration::from_secs(1)),
+            client_login_timeout: s.client_login_timeout.map(|d| d.0).unwrap_or(Duration::from_secs(60)),
+            shutdown_timeout: s.shutdown_timeout.map(|d| d.0).unwrap_or(Duration::from_secs(30)),
+            auth_type,
+            max_message_size,
+            workers: s.workers.unwrap_or(0),
+            log_format,
+            databases,
+            users,
+        })
+    }
+}
+
+fn read_file(path: &Path) -> Result<Settings, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| bad(format!("{}: {e}", path.display())))?;
+    toml::from_str(&text).map_err(|e| bad(format!("{}: {e}", path.display())))
+}
+
+fn parse_pool_mode(s: &str) -> Result<PoolMode, ConfigError> {
+    match s {
+        "transaction" => Ok(PoolMode::Transaction),
+        "session" => Ok(PoolMode::Session),
+        o => Err(bad(format!("pool_mode must be transaction or session, not {o:?}"))),
+    }
+}
+
+fn parse_auth(s: &str) -> Result<AuthMethod, ConfigError> {
+    match s {
+        "scram-sha-256" => Ok(AuthMethod::ScramSha256),
+        "md5" => Ok(AuthMethod::Md5),
+        "trust" => Ok(AuthMethod::Trust),
+        o => Err(bad(format!("auth_type must be scram-sha-256, md5 or trust, not {o:?}"))),
+    }
+}
+
+fn check_addr(key: &str, a: &str) -> Result<(), ConfigError> {
+    a.parse::<SocketAddr>().map(|_| ()).map_err(|e| bad(format!("{key} {a:?} is not HOST:PORT with a numeric IP: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_upstream() -> Settings {
+        Settings { upstream: Some("postgres://app:secret@127.0.0.1:5433/appdb".into()), ..Default::default() }
+    }
+
+    #[test]
+    fn upstream_alone_gives_one_database_and_its_user() {
+        let c = Config::build(with_upstream()).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:6432");
+        assert_eq!(c.pool_mode, PoolMode::Transaction);
+        let db = &c.databases["appdb"];
+        assert_eq!((db.host.as_str(), db.port, db.pool_size), ("127.0.0.1", 5433, 20));
+        assert_eq!(c.users["app"].secret, Secret::Plain("secret".into()));
+    }
+
+    #[test]
+    fn flags_win_over_the_file() {
+        let flags = Settings { pool_size: Some(3), ..with_upstream() };
+        let file: Settings = toml::from_str("pool_size = 7\nquery_wait_timeout = \"2s\"").unwrap();
+        let c = Config::build(flags.layer(file)).unwrap();
+        assert_eq!(c.pool_size, 3);
+        assert_eq!(c.query_wait_timeout, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn nonsense_is_refused_with_the_key_named() {
+        let e = Config::build(Settings { pool_mode: Some("statement-ish".into()), ..with_upstream() }).unwrap_err();
+        assert!(e.to_string().contains("pool_mode"), "{e}");
+        let e = toml::from_str::<Settings>("pool_sise = 3").unwrap_err();
+        assert!(e.to_string().contains("pool_sise"), "{e}");
+        assert!(Config::build(Settings::default()).is_err());
+    }
+}

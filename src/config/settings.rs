@@ -1,0 +1,164 @@
+//! The raw, layered settings: one struct read from flags, environment (`PGSURGE_…`) and the TOML file.
+//!
+//! Every field is optional here; `Settings::layer` stacks flag > env > file, and `Config::build` fills defaults
+//! and validates. clap handles flag > env itself, so only the file layer is merged by hand.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Deserialize;
+
+/// A duration written as `30s`, `250ms`, `5m` in flags, env and the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl FromStr for Dur {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if s == "0" {
+            return Ok(Dur(Duration::ZERO));
+        }
+        humantime::parse_duration(s).map(Dur).map_err(|e| format!("invalid duration {s:?}: {e} (write e.g. 30s, 250ms, 5m)"))
+    }
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+macro_rules! settings {
+    ($( $(#[$meta:meta])* $name:ident : $ty:ty ),* $(,)?) => {
+        /// Flags and environment variables; the same names (with `_`) are the keys of config.toml.
+        #[derive(Debug, Default, Clone, Parser, Deserialize)]
+        #[command(name = "pgsurge", version, about = "A surge protector for PostgreSQL: pooling, caching, batching and rate limits")]
+        #[serde(deny_unknown_fields)]
+        pub struct Settings {
+            $( $(#[$meta])* pub $name: Option<$ty>, )*
+            /// `[databases.NAME]` sections (file only).
+            #[arg(skip)]
+            #[serde(default)]
+            pub databases: BTreeMap<String, DatabaseSettings>,
+            /// `[users.NAME]` sections (file only).
+            #[arg(skip)]
+            #[serde(default)]
+            pub users: BTreeMap<String, UserSettings>,
+            /// Subcommand (`demo`); not a config key.
+            #[command(subcommand)]
+            #[serde(skip)]
+            pub command: Option<Command>,
+        }
+
+        impl Settings {
+            /// Fills every unset field of `self` from `lower`.
+            pub fn layer(mut self, lower: Settings) -> Settings {
+                $( if self.$name.is_none() { self.$name = lower.$name; } )*
+                if self.databases.is_empty() { self.databases = lower.databases; }
+                if self.users.is_empty() { self.users = lower.users; }
+                self
+            }
+        }
+    };
+}
+
+settings! {
+    /// Postgres to pool: postgres://USER:PASS@HOST:PORT/DB. Its user logs clients in with the same password.
+    #[arg(long, env = "PGSURGE_UPSTREAM")]
+    upstream: String,
+    /// Address clients connect to.
+    #[arg(long, env = "PGSURGE_LISTEN")]
+    listen: String,
+    /// HTTP address for /metrics, /healthz, /readyz ("" disables).
+    #[arg(long, env = "PGSURGE_ADMIN_LISTEN")]
+    admin_listen: String,
+    /// A TOML file with any of these keys (see config.toml).
+    #[arg(long, env = "PGSURGE_CONFIG")]
+    #[serde(skip)]
+    config: PathBuf,
+    /// transaction | session.
+    #[arg(long, env = "PGSURGE_POOL_MODE")]
+    pool_mode: String,
+    /// Server connections per (database, user) pool.
+    #[arg(long, env = "PGSURGE_POOL_SIZE")]
+    pool_size: usize,
+    /// Server connections kept open per pool even when idle.
+    #[arg(long, env = "PGSURGE_MIN_POOL_SIZE")]
+    min_pool_size: usize,
+    /// Client connections accepted at once.
+    #[arg(long, env = "PGSURGE_MAX_CLIENT_CONN")]
+    max_client_conn: usize,
+    /// How long a client waits for a server connection before ERROR 53300.
+    #[arg(long, env = "PGSURGE_QUERY_WAIT_TIMEOUT")]
+    query_wait_timeout: Dur,
+    /// Time allowed to open and log in a server connection.
+    #[arg(long, env = "PGSURGE_SERVER_CONNECT_TIMEOUT")]
+    server_connect_timeout: Dur,
+    /// Server connections older than this are closed when released.
+    #[arg(long, env = "PGSURGE_SERVER_LIFETIME")]
+    server_lifetime: Dur,
+    /// Idle server connections are closed after this.
+    #[arg(long, env = "PGSURGE_SERVER_IDLE_TIMEOUT")]
+    server_idle_timeout: Dur,
+    /// A server connection idle longer than this is checked for liveness before reuse.
+    #[arg(long, env = "PGSURGE_SERVER_CHECK_DELAY")]
+    server_check_delay: Dur,
+    /// A client that has not finished startup and login within this is closed.
+    #[arg(long, env = "PGSURGE_CLIENT_LOGIN_TIMEOUT")]
+    client_login_timeout: Dur,
+    /// On SIGTERM, how long in-flight transactions may take before connections are closed.
+    #[arg(long, env = "PGSURGE_SHUTDOWN_TIMEOUT")]
+    shutdown_timeout: Dur,
+    /// Client authentication: scram-sha-256 | md5 | trust.
+    #[arg(long, env = "PGSURGE_AUTH_TYPE")]
+    auth_type: String,
+    /// PgBouncer-style userlist: "user" "password or SCRAM secret" per line.
+    #[arg(long, env = "PGSURGE_AUTH_FILE")]
+    auth_file: PathBuf,
+    /// Largest client message accepted, in bytes.
+    #[arg(long, env = "PGSURGE_MAX_MESSAGE_SIZE")]
+    max_message_size: usize,
+    /// Runtime worker threads (0: one per core).
+    #[arg(long, env = "PGSURGE_WORKERS")]
+    workers: usize,
+    /// text | json.
+    #[arg(long, env = "PGSURGE_LOG_FORMAT")]
+    log_format: String,
+}
+
+/// Subcommands beside the proxy itself.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Show the five fixes on a throwaway database.
+    Demo,
+}
+
+/// `[databases.NAME]`: a client-visible database name mapped to an upstream.
+#[derive(Debug, Default, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseSettings {
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub dbname: Option<String>,
+    /// Log in upstream as this user for every client (else each client logs in as itself).
+    pub user: Option<String>,
+    pub password: Option<String>,
+    pub pool_size: Option<usize>,
+    pub pool_mode: Option<String>,
+}
+
+/// `[users.NAME]`: a user clients may log in as.
+#[derive(Debug, Default, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UserSettings {
+    /// Plaintext password, md5 hash (`md5…`) or SCRAM secret (`SCRAM-SHA-256$…`).
+    pub password: Option<String>,
+    /// scram-sha-256 | md5 | trust for this user.
+    pub auth_type: Option<String>,
+    pub pool_size: Option<usize>,
+}

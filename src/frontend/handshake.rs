@@ -1,0 +1,215 @@
+//! A new client connection up to ReadyForQuery: SSL/GSS refusal, cancel requests, protocol negotiation,
+//! authentication, and the ParameterStatus/BackendKeyData a driver expects.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::app::App;
+use crate::auth::md5;
+use crate::auth::scram::{ClientCredential, ScramServer, MECHANISM};
+use crate::auth::secret::{ScramSecret, Secret};
+use crate::backend::{Pool, UpstreamCredential};
+use crate::config::{AuthMethod, Database, User};
+use crate::error::{Error, Result};
+use crate::protocol::codes::*;
+use crate::protocol::startup::{self, StartupPacket};
+use crate::protocol::{encode, view, FrameSplitter};
+
+/// A client that has logged in: what the session loop needs.
+pub struct LoggedIn {
+    pub user: String,
+    pub database: String,
+    pub params: BTreeMap<String, String>,
+    pub target: Target,
+    /// AuthenticationOk and ParameterStatus, not yet written: the session appends BackendKeyData and
+    /// ReadyForQuery and sends all in one write.
+    pub greeting: BytesMut,
+}
+
+pub enum Target {
+    Pool(Arc<Pool>, Database),
+    Admin,
+}
+
+/// Names of the admin console's virtual database.
+pub const ADMIN_DATABASES: &[&str] = &["pgsurge", "pgbouncer"];
+
+pub struct Handshake<'a> {
+    pub app: &'a Arc<App>,
+    pub stream: &'a mut TcpStream,
+    pub rbuf: &'a mut BytesMut,
+    pub addr: SocketAddr,
+    /// Keys a client proved against a stored SCRAM secret, for logging in upstream as it.
+    pub passthrough: Option<ClientCredential>,
+}
+
+impl Handshake<'_> {
+    async fn read_more(&mut self) -> Result<()> {
+        if self.stream.read_buf(self.rbuf).await? == 0 {
+            return Err(Error::Io(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+        Ok(())
+    }
+
+    async fn read_startup(&mut self) -> Result<StartupPacket> {
+        loop {
+            match startup::complete_len(self.rbuf) {
+                Ok(Some(n)) => {
+                    let pkt = self.rbuf.split_to(n);
+                    return startup::parse(&pkt).map_err(|e| Error::Protocol(e.to_string()));
+                }
+                Ok(None) => self.read_more().await?,
+                Err(e) => return Err(Error::Protocol(e.to_string())),
+            }
+        }
+    }
+
+    /// Reads one message of an expected type during authentication.
+    async fn read_msg(&mut self, want: u8) -> Result<BytesMut> {
+        let splitter = FrameSplitter::new(MAX_STARTUP_LEN);
+        loop {
+            match splitter.split(self.rbuf) {
+                Ok(Some(f)) if f.tag == want => return Ok(BytesMut::from(f.body())),
+                Ok(Some(f)) => return Err(Error::Protocol(format!("expected message type {:?}, got {:?}", want as char, f.tag as char))),
+                Ok(None) => self.read_more().await?,
+                Err(e) => return Err(Error::Protocol(e.to_string())),
+            }
+        }
+    }
+
+    /// Runs the handshake. `Ok(None)` means the connection was a cancel request and is done.
+    pub async fn run(mut self) -> Result<Option<LoggedIn>> {
+        let (version, params) = loop {
+            match self.read_startup().await? {
+                StartupPacket::SslRequest | StartupPacket::GssEncRequest => self.stream.write_all(b"N").await?,
+                StartupPacket::Cancel { pid, secret } => {
+                    self.app.cancels.cancel(pid, &secret).await;
+                    return Ok(None);
+                }
+                StartupPacket::Startup { version, params } => break (version, params),
+            }
+        };
+        let unrecognized: Vec<&str> = params.iter().map(|(k, _)| k.as_str()).filter(|k| k.starts_with("_pq_.")).collect();
+        if version != PROTOCOL_3_0 || !unrecognized.is_empty() {
+            self.stream.write_all(&encode::negotiate_protocol_version(0, &unrecognized)).await?;
+        }
+        let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        let user = get("user").filter(|u| !u.is_empty()).ok_or_else(|| Error::AuthRejected("no PostgreSQL user name specified in startup packet".into()))?;
+        let database = get("database").filter(|d| !d.is_empty()).unwrap_or_else(|| user.clone());
+        if get("replication").is_some_and(|r| r != "false" && r != "0" && r != "off") {
+            return Err(Error::NotSupported("replication connections are not supported through pgsurge".into()));
+        }
+        let cfg = self.app.config.load_full();
+        if self.app.client_count() > cfg.max_client_conn {
+            return Err(Error::TooManyConnections(format!("no more connections allowed (max_client_conn = {})", cfg.max_client_conn)));
+        }
+        let is_admin_db = ADMIN_DATABASES.contains(&database.as_str());
+        let db = if is_admin_db { None } else { Some(self.app.database(&database)?) };
+        let known = cfg.users.get(&user).cloned();
+        self.authenticate(&user, known.as_ref()).await?;
+        let user_cfg = known.ok_or_else(|| Error::AuthFailed(user.clone()))?;
+        let client_settings = crate::frontend::params::from_startup(&params);
+
+        let mut out = BytesMut::with_capacity(512);
+        out.extend_from_slice(&encode::auth_ok());
+        let target = match db {
+            None => {
+                for (k, v) in [("server_version", "15.0 (pgsurge)"), ("server_encoding", "UTF8"), ("client_encoding", "UTF8"), ("DateStyle", "ISO, MDY"), ("integer_datetimes", "on"), ("standard_conforming_strings", "on")] {
+                    encode::put_parameter_status(&mut out, k, v);
+                }
+                Target::Admin
+            }
+            Some(db) => {
+                let pool = self.app.pool(&db, &user_cfg)?;
+                if let Some(cred) = self.passthrough.take() {
+                    pool.set_credential(UpstreamCredential::Scram(cred));
+                }
+                let reported = match pool.login_params() {
+                    Some(p) => p,
+                    None => {
+                        // First client of this pool: one server login tells us what to report.
+                        let mut c = pool.checkout(cfg.query_wait_timeout).await?;
+                        c.state = crate::backend::ReleaseState::Clean;
+                        c.conn_ref().reported.clone()
+                    }
+                };
+                for (k, v) in &reported {
+                    let v = client_settings.get(k).unwrap_or(v);
+                    encode::put_parameter_status(&mut out, k, v);
+                }
+                Target::Pool(pool, db)
+            }
+        };
+        Ok(Some(LoggedIn { user, database, params: client_settings, target, greeting: out }))
+    }
+}
+
+impl Handshake<'_> {
+    /// Checks the client's password with the method configured for its user. Unknown users go through the
+    /// same exchange against a throwaway verifier, so they cannot be told apart from a wrong password.
+    async fn authenticate(&mut self, user: &str, known: Option<&User>) -> Result<()> {
+        let method = known.map(|u| u.auth).unwrap_or(self.app.config.load().auth_type);
+        let method = match (method, known.map(|u| &u.secret)) {
+            (AuthMethod::ScramSha256, Some(Secret::Md5(_))) => AuthMethod::Md5,
+            (AuthMethod::Md5, Some(Secret::Scram(_))) => AuthMethod::ScramSha256,
+            (m, _) => m,
+        };
+        let ok = match method {
+            AuthMethod::Trust => known.is_some(),
+            AuthMethod::Md5 => self.md5(user, known).await?,
+            AuthMethod::ScramSha256 => self.scram(known).await?,
+        };
+        if !ok {
+            self.app.counters.auth_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::info!(client = %self.addr, user, "password authentication failed");
+            return Err(Error::AuthFailed(user.to_string()));
+        }
+        Ok(())
+    }
+
+    async fn md5(&mut self, user: &str, known: Option<&User>) -> Result<bool> {
+        let salt: [u8; 4] = rand::random();
+        self.stream.write_all(&encode::auth_md5(salt)).await?;
+        let body = self.read_msg(PASSWORD).await?;
+        let got = view::password(&body).ok_or_else(|| Error::Protocol("malformed password message".into()))?;
+        let stored = match known.map(|u| &u.secret) {
+            Some(Secret::Plain(pw)) => md5::stored(pw, user),
+            Some(Secret::Md5(h)) => h.clone(),
+            _ => return Ok(false),
+        };
+        Ok(ct_eq(got, md5::response(&stored, salt).as_bytes()))
+    }
+
+    async fn scram(&mut self, known: Option<&User>) -> Result<bool> {
+        let verifier = known.and_then(|u| self.app.scram_verifier(u));
+        let mock = verifier.is_none();
+        let verifier = verifier.unwrap_or_else(|| Arc::new(ScramSecret::from_password(&format!("{:x}", rand::random::<u128>()), 4096)));
+        self.stream.write_all(&encode::auth_sasl(&[MECHANISM])).await?;
+        let body = self.read_msg(PASSWORD).await?;
+        let (mech, first) = view::sasl_initial(&body).ok_or_else(|| Error::Protocol("malformed SASLInitialResponse".into()))?;
+        if mech != MECHANISM.as_bytes() {
+            return Err(Error::AuthRejected("client selected an invalid SASL authentication mechanism".into()));
+        }
+        let (server, server_first) = ScramServer::start(&verifier, first).map_err(|e| Error::Protocol(e.to_string()))?;
+        self.stream.write_all(&encode::auth_sasl_continue(server_first.as_bytes())).await?;
+        let body = self.read_msg(PASSWORD).await?;
+        let (server_final, client_key) = match server.finish(&body) {
+            Ok(x) if !mock => x,
+            _ => return Ok(false),
+        };
+        self.stream.write_all(&encode::auth_sasl_final(server_final.as_bytes())).await?;
+        if let Some(Secret::Scram(s)) = known.map(|u| &u.secret) {
+            self.passthrough = Some(ClientCredential::Keys { client_key, server_key: s.keys.server_key, salt: s.salt.clone(), iterations: s.iterations });
+        }
+        Ok(true)
+    }
+}
+
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

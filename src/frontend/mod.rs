@@ -1,0 +1,6 @@
+//! Client side: the listener, the startup/auth handshake, and the per-client session loop.
+
+pub mod handshake;
+pub mod listener;
+pub mod params;
+pub mod session;

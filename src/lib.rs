@@ -1,0 +1,59 @@
+//! pgsurge: a surge protector for PostgreSQL. A wire-protocol proxy that pools server connections and will
+//! cache, batch and rate-limit on the way. `run` is the whole server, usable from tests on port 0.
+
+#![forbid(unsafe_code)]
+#![warn(clippy::dbg_macro, clippy::todo)]
+
+pub mod app;
+pub mod auth;
+pub mod backend;
+pub mod cancel;
+pub mod config;
+pub mod error;
+pub mod frontend;
+pub mod protocol;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+pub use app::{App, Shutdown};
+pub use config::Config;
+
+/// Serves clients on `listener` until `app.shutdown` says stop; then drains (SIGTERM semantics: transactions in
+/// flight may finish within `shutdown_timeout`) and returns once every client is gone.
+pub async fn run(app: Arc<App>, listener: TcpListener) -> std::io::Result<()> {
+    tracing::info!(listen = %listener.local_addr()?, "pgsurge accepting connections");
+    let janitor = tokio::spawn(janitor(app.clone()));
+    frontend::listener::accept_loop(app.clone(), listener).await;
+    drain(&app).await;
+    janitor.abort();
+    Ok(())
+}
+
+/// Waits for in-flight transactions (bounded by `shutdown_timeout`), then closes every client.
+async fn drain(app: &Arc<App>) {
+    let deadline = tokio::time::Instant::now() + app.config.load().shutdown_timeout;
+    let busy = |app: &App| app.pools().iter().map(|p| p.stats.active.load(Ordering::Relaxed)).sum::<usize>();
+    while app.shutdown_state() == Shutdown::Draining && busy(app) > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    app.shutdown.send_replace(Shutdown::Immediate);
+    let bound = tokio::time::Instant::now() + Duration::from_secs(2);
+    while app.client_count() > 0 && tokio::time::Instant::now() < bound {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Once a second: idle timeouts, lifetimes, `min_pool_size`.
+async fn janitor(app: Arc<App>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        for pool in app.pools() {
+            pool.maintain().await;
+        }
+    }
+}

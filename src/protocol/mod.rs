@@ -1,0 +1,12 @@
+//! The Postgres wire protocol, pure and I/O-free: frame splitting, startup packets, typed views and encoders.
+//!
+//! Frames are kept as raw `Bytes`; the proxy decodes only the few messages it must look at and forwards the
+//! rest byte for byte.
+
+pub mod codes;
+pub mod encode;
+pub mod frame;
+pub mod startup;
+pub mod view;
+
+pub use frame::{Frame, FrameError, FrameSplitter};
