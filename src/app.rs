@@ -43,6 +43,8 @@ pub struct App {
     /// SCRAM verifiers derived once per plaintext password (PBKDF2 is deliberately slow).
     verifiers: Mutex<HashMap<String, Arc<ScramSecret>>>,
     pub cancels: CancelRegistry,
+    /// Named prepared statements of every client, by text and parameter types.
+    pub statements: crate::frontend::statements::Registry,
     pub counters: Counters,
     pub shutdown: watch::Sender<Shutdown>,
 }
@@ -54,6 +56,7 @@ impl App {
             pools: Mutex::new(HashMap::new()),
             verifiers: Mutex::new(HashMap::new()),
             cancels: CancelRegistry::default(),
+            statements: Default::default(),
             counters: Counters::default(),
             shutdown: watch::channel(Shutdown::Running).0,
         })
@@ -94,7 +97,9 @@ impl App {
             Some((u, None)) => (u.clone(), cfg.users.get(u).map(|x| credential_of(&x.secret)).unwrap_or(UpstreamCredential::None)),
             None => (user.name.clone(), credential_of(&user.secret)),
         };
-        let target = ServerTarget { host: db.host.clone(), port: db.port, dbname: db.dbname.clone(), user: login_user, credential };
+        let max_prepared = std::num::NonZeroUsize::new(cfg.max_prepared_statements).unwrap_or(std::num::NonZeroUsize::MIN);
+        let target =
+            ServerTarget { host: db.host.clone(), port: db.port, dbname: db.dbname.clone(), user: login_user, credential, max_prepared };
         let pool = Pool::new(key.clone(), target, pool_settings(&cfg, db, user));
         Ok(self.pools.lock().entry(key).or_insert(pool).clone())
     }
@@ -138,7 +143,12 @@ impl App {
     pub fn reload(&self, new: Config) -> Vec<String> {
         let old = self.config.load_full();
         let mut notes = vec![];
-        for (key, changed) in [("listen", old.listen != new.listen), ("admin_listen", old.admin_listen != new.admin_listen), ("workers", old.workers != new.workers), ("log_format", old.log_format != new.log_format)] {
+        for (key, changed) in [
+            ("listen", old.listen != new.listen),
+            ("admin_listen", old.admin_listen != new.admin_listen),
+            ("workers", old.workers != new.workers),
+            ("log_format", old.log_format != new.log_format),
+        ] {
             if changed {
                 notes.push(format!("{key} changed in the file but needs a restart; the running value stays"));
             }

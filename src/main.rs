@@ -50,7 +50,9 @@ async fn serve(cli: Settings, config: Config) -> std::io::Result<()> {
 /// SIGTERM drains, SIGINT stops now, SIGHUP reloads the config.
 async fn signals(app: std::sync::Arc<App>, cli: Settings) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup())) else {
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) =
+        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup()))
+    else {
         tracing::error!("cannot install signal handlers");
         return;
     };

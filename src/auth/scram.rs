@@ -67,7 +67,7 @@ fn nonce() -> String {
     B64.encode(raw)
 }
 
-fn attr<'a>(msg: &'a str, key: char) -> Option<&'a str> {
+fn attr(msg: &str, key: char) -> Option<&str> {
     msg.split(',').find_map(|p| p.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
 }
 
@@ -98,7 +98,16 @@ impl ScramServer {
         let nonce = format!("{client_nonce}{}", self::nonce());
         let server_first = format!("r={nonce},s={},i={}", B64.encode(&secret.salt), secret.iterations);
         let gs2_header = format!("{cb},{}", &rest[..rest.len() - bare.len()]);
-        Ok((ScramServer { secret: secret.clone(), client_first_bare: bare.to_string(), server_first: server_first.clone(), nonce, gs2_header }, server_first))
+        Ok((
+            ScramServer {
+                secret: secret.clone(),
+                client_first_bare: bare.to_string(),
+                server_first: server_first.clone(),
+                nonce,
+                gs2_header,
+            },
+            server_first,
+        ))
     }
 
     /// Takes the client-final-message; on success returns the server-final-message and the client's ClientKey.
@@ -130,7 +139,12 @@ impl ScramServer {
 pub enum ClientCredential {
     Password(String),
     /// Passthrough: the keys a client proved, valid for the verifier with this salt and iteration count.
-    Keys { client_key: [u8; 32], server_key: [u8; 32], salt: Vec<u8>, iterations: u32 },
+    Keys {
+        client_key: [u8; 32],
+        server_key: [u8; 32],
+        salt: Vec<u8>,
+        iterations: u32,
+    },
 }
 
 /// Logs in to an upstream server.

@@ -59,7 +59,11 @@ impl ScramSecret {
         let (stored, server) = keys.split_once(':')?;
         let stored: [u8; 32] = B64.decode(stored).ok()?.try_into().ok()?;
         let server: [u8; 32] = B64.decode(server).ok()?.try_into().ok()?;
-        Some(ScramSecret { iterations: iter.parse().ok()?, salt: B64.decode(salt).ok()?, keys: ScramKeys { stored_key: stored, server_key: server, client_key: None } })
+        Some(ScramSecret {
+            iterations: iter.parse().ok()?,
+            salt: B64.decode(salt).ok()?,
+            keys: ScramKeys { stored_key: stored, server_key: server, client_key: None },
+        })
     }
 
     /// A fresh verifier for a plaintext password (random salt), as Postgres would store it.

@@ -100,6 +100,7 @@ async fn reset(mut conn: ServerConn, rollback: bool, discard: bool) -> Option<Se
             return None;
         }
         conn.applied.clear();
+        conn.prepared.clear();
     }
     Some(conn)
 }

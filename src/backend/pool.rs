@@ -209,7 +209,8 @@ impl Pool {
                 tokio::time::sleep_until(next).await;
             }
             let target = self.target();
-            let timeout = self.settings.lock().connect_timeout.min(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)));
+            let timeout =
+                self.settings.lock().connect_timeout.min(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)));
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
             match ServerConn::connect(id, &target, timeout).await {
                 Ok(c) => {
@@ -232,7 +233,10 @@ impl Pool {
                     b.failing = true;
                     b.next_attempt = Instant::now() + b.delay;
                     b.delay = (b.delay * 2).min(BACKOFF_CAP);
-                    b.last_error = Some(e.to_string());
+                    b.last_error = Some(match &e {
+                        Error::UpstreamConnect { reason, .. } => reason.clone(),
+                        other => other.to_string(),
+                    });
                     drop(b);
                     tracing::warn!(pool = %self.key.database, user = %self.key.user, error = %e, "server connect failed; retrying");
                     if Instant::now() >= deadline {

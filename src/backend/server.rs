@@ -37,6 +37,8 @@ pub struct ServerTarget {
     pub dbname: String,
     pub user: String,
     pub credential: UpstreamCredential,
+    /// Named statements kept prepared per server connection.
+    pub max_prepared: std::num::NonZeroUsize,
 }
 
 impl ServerTarget {
@@ -61,6 +63,8 @@ pub struct ServerConn {
     pub reported: Vec<(String, String)>,
     /// Session settings pgsurge applied on behalf of clients (name -> value); empty means server defaults.
     pub applied: BTreeMap<String, String>,
+    /// Statements prepared here under pgsurge's names (registry id -> server name), least recently used first out.
+    pub prepared: lru::LruCache<u64, String>,
     pub created: Instant,
     pub last_used: Instant,
 }
@@ -89,6 +93,7 @@ impl ServerConn {
             cancel_target: Arc::new(CancelTarget { host: target.host.clone(), port: target.port, pid: 0, secret: vec![] }),
             reported: vec![],
             applied: BTreeMap::new(),
+            prepared: lru::LruCache::new(target.max_prepared),
             created: Instant::now(),
             last_used: Instant::now(),
         };
@@ -130,7 +135,8 @@ impl ServerConn {
                             _ => return Err(no_credential(target, "a cleartext password")),
                         },
                         AUTH_MD5 => {
-                            let salt: [u8; 4] = data.get(..4).and_then(|s| s.try_into().ok()).ok_or_else(|| Error::UpstreamLost("bad md5 salt".into()))?;
+                            let salt: [u8; 4] =
+                                data.get(..4).and_then(|s| s.try_into().ok()).ok_or_else(|| Error::UpstreamLost("bad md5 salt".into()))?;
                             let stored = match &target.credential {
                                 UpstreamCredential::Password(pw) => md5::stored(pw, &target.user),
                                 UpstreamCredential::Md5(h) => h.clone(),
@@ -173,11 +179,10 @@ impl ServerConn {
                         self.reported.push(kv);
                     }
                 }
-                BACKEND_KEY_DATA => {
-                    if body.len() >= 8 {
-                        let pid = u32::from_be_bytes([body[0], body[1], body[2], body[3]]);
-                        self.cancel_target = Arc::new(CancelTarget { host: target.host.clone(), port: target.port, pid, secret: body[4..].to_vec() });
-                    }
+                BACKEND_KEY_DATA if body.len() >= 8 => {
+                    let pid = u32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+                    self.cancel_target =
+                        Arc::new(CancelTarget { host: target.host.clone(), port: target.port, pid, secret: body[4..].to_vec() });
                 }
                 READY_FOR_QUERY => return Ok(()),
                 _ => {} // notices, NegotiateProtocolVersion
@@ -225,5 +230,10 @@ fn scram_err(target: &ServerTarget, e: crate::auth::scram::ScramError) -> Error 
 }
 
 fn upstream_auth(target: &ServerTarget, message: String) -> Error {
-    Error::Server(ErrorView { severity: "FATAL".into(), code: "28000".into(), message: format!("{message} ({})", target.addr()), detail: None })
+    Error::Server(ErrorView {
+        severity: "FATAL".into(),
+        code: "28000".into(),
+        message: format!("{message} ({})", target.addr()),
+        detail: None,
+    })
 }

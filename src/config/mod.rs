@@ -76,6 +76,7 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     pub auth_type: AuthMethod,
     pub max_message_size: usize,
+    pub max_prepared_statements: usize,
     pub workers: usize,
     pub log_format: LogFormat,
     pub databases: BTreeMap<String, Database>,
@@ -136,7 +137,10 @@ impl Config {
         let mut databases = BTreeMap::new();
         if let Some(url) = &s.upstream {
             let u = UpstreamUrl::parse(url).map_err(bad)?;
-            users.insert(u.user.clone(), User { name: u.user.clone(), secret: Secret::from_config(&u.password), auth: auth_type, pool_size: None });
+            users.insert(
+                u.user.clone(),
+                User { name: u.user.clone(), secret: Secret::from_config(&u.password), auth: auth_type, pool_size: None },
+            );
             databases.insert(
                 u.dbname.clone(),
                 Database { name: u.dbname.clone(), host: u.host, port: u.port, dbname: u.dbname, user: None, pool_size, pool_mode },
@@ -205,6 +209,7 @@ impl Config {
             shutdown_timeout: s.shutdown_timeout.map(|d| d.0).unwrap_or(Duration::from_secs(30)),
             auth_type,
             max_message_size,
+            max_prepared_statements: s.max_prepared_statements.unwrap_or(256).max(1),
             workers: s.workers.unwrap_or(0),
             log_format,
             databases,

@@ -123,6 +123,9 @@ settings! {
     /// Largest client message accepted, in bytes.
     #[arg(long, env = "PGSURGE_MAX_MESSAGE_SIZE")]
     max_message_size: usize,
+    /// Named prepared statements kept per server connection (LRU).
+    #[arg(long, env = "PGSURGE_MAX_PREPARED_STATEMENTS")]
+    max_prepared_statements: usize,
     /// Runtime worker threads (0: one per core).
     #[arg(long, env = "PGSURGE_WORKERS")]
     workers: usize,

@@ -58,7 +58,10 @@ mod tests {
     #[test]
     fn parses_every_part_and_decodes_escapes() {
         let u = UpstreamUrl::parse("postgres://app:p%40ss@db.local:5433/app%20db").unwrap();
-        assert_eq!(u, UpstreamUrl { user: "app".into(), password: "p@ss".into(), host: "db.local".into(), port: 5433, dbname: "app db".into() });
+        assert_eq!(
+            u,
+            UpstreamUrl { user: "app".into(), password: "p@ss".into(), host: "db.local".into(), port: 5433, dbname: "app db".into() }
+        );
         assert_eq!(UpstreamUrl::parse("postgresql://u@h").unwrap().dbname, "u");
         assert!(UpstreamUrl::parse("mysql://u@h/d").is_err());
         assert!(UpstreamUrl::parse("postgres://h/d").is_err());

@@ -99,7 +99,9 @@ impl Handshake<'_> {
             self.stream.write_all(&encode::negotiate_protocol_version(0, &unrecognized)).await?;
         }
         let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
-        let user = get("user").filter(|u| !u.is_empty()).ok_or_else(|| Error::AuthRejected("no PostgreSQL user name specified in startup packet".into()))?;
+        let user = get("user")
+            .filter(|u| !u.is_empty())
+            .ok_or_else(|| Error::AuthRejected("no PostgreSQL user name specified in startup packet".into()))?;
         let database = get("database").filter(|d| !d.is_empty()).unwrap_or_else(|| user.clone());
         if get("replication").is_some_and(|r| r != "false" && r != "0" && r != "off") {
             return Err(Error::NotSupported("replication connections are not supported through pgsurge".into()));
@@ -119,7 +121,14 @@ impl Handshake<'_> {
         out.extend_from_slice(&encode::auth_ok());
         let target = match db {
             None => {
-                for (k, v) in [("server_version", "15.0 (pgsurge)"), ("server_encoding", "UTF8"), ("client_encoding", "UTF8"), ("DateStyle", "ISO, MDY"), ("integer_datetimes", "on"), ("standard_conforming_strings", "on")] {
+                for (k, v) in [
+                    ("server_version", "15.0 (pgsurge)"),
+                    ("server_encoding", "UTF8"),
+                    ("client_encoding", "UTF8"),
+                    ("DateStyle", "ISO, MDY"),
+                    ("integer_datetimes", "on"),
+                    ("standard_conforming_strings", "on"),
+                ] {
                     encode::put_parameter_status(&mut out, k, v);
                 }
                 Target::Admin
@@ -204,7 +213,8 @@ impl Handshake<'_> {
         };
         self.stream.write_all(&encode::auth_sasl_final(server_final.as_bytes())).await?;
         if let Some(Secret::Scram(s)) = known.map(|u| &u.secret) {
-            self.passthrough = Some(ClientCredential::Keys { client_key, server_key: s.keys.server_key, salt: s.salt.clone(), iterations: s.iterations });
+            self.passthrough =
+                Some(ClientCredential::Keys { client_key, server_key: s.keys.server_key, salt: s.salt.clone(), iterations: s.iterations });
         }
         Ok(true)
     }

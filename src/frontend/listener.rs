@@ -61,7 +61,10 @@ async fn serve_client(app: Arc<App>, mut stream: TcpStream, addr: SocketAddr) {
         Ok(Ok(Some(l))) => l,
         Ok(Ok(None)) => return,
         Ok(Err(e)) => return answer_fatal(&app, &mut stream, addr, e).await,
-        Err(_) => return answer_fatal(&app, &mut stream, addr, Error::Protocol("client did not finish login within client_login_timeout".into())).await,
+        Err(_) => {
+            return answer_fatal(&app, &mut stream, addr, Error::Protocol("client did not finish login within client_login_timeout".into()))
+                .await
+        }
     };
     tracing::info!(client = %addr, db = %logged_in.database, user = %logged_in.user, "login");
     let (pool, db) = match logged_in.target {

@@ -1,6 +1,8 @@
 //! Client side: the listener, the startup/auth handshake, and the per-client session loop.
 
+pub mod expect;
 pub mod handshake;
 pub mod listener;
 pub mod params;
 pub mod session;
+pub mod statements;

@@ -7,7 +7,15 @@ use std::collections::BTreeMap;
 const NOT_SETTINGS: &[&str] = &["user", "database", "options", "replication"];
 
 /// Reported values that describe the server, not the session; never re-applied.
-const SERVER_FACTS: &[&str] = &["server_version", "server_encoding", "integer_datetimes", "in_hot_standby", "is_superuser", "scram_iterations", "session_authorization"];
+const SERVER_FACTS: &[&str] = &[
+    "server_version",
+    "server_encoding",
+    "integer_datetimes",
+    "in_hot_standby",
+    "is_superuser",
+    "scram_iterations",
+    "session_authorization",
+];
 
 /// Settings from the startup packet, including `options=-c name=value` / `--name=value`.
 pub fn from_startup(params: &[(String, String)]) -> BTreeMap<String, String> {
@@ -43,7 +51,13 @@ fn parse_options(opts: &str, out: &mut BTreeMap<String, String>) {
     }
     let mut it = words.into_iter();
     while let Some(w) = it.next() {
-        let kv = if w == "-c" { it.next() } else if let Some(r) = w.strip_prefix("--") { Some(r.to_string()) } else { w.strip_prefix("-c").map(str::to_string) };
+        let kv = if w == "-c" {
+            it.next()
+        } else if let Some(r) = w.strip_prefix("--") {
+            Some(r.to_string())
+        } else {
+            w.strip_prefix("-c").map(str::to_string)
+        };
         if let Some((k, v)) = kv.as_deref().and_then(|kv| kv.split_once('=')) {
             out.insert(k.replace('-', "_"), v.to_string());
         }
@@ -61,11 +75,15 @@ fn valid_name(n: &str) -> bool {
 
 /// The SQL that turns a server's `applied` settings into the client's `wanted` ones, or None if they agree.
 pub fn sync_sql(wanted: &BTreeMap<String, String>, applied: &BTreeMap<String, String>) -> Option<String> {
+    // set_config takes the value as text, parsed exactly as a startup parameter would be (lists included).
+    let sets: Vec<String> = wanted
+        .iter()
+        .filter(|(k, v)| applied.get(*k) != Some(*v) && valid_name(k))
+        .map(|(k, v)| format!("pg_catalog.set_config('{k}', '{}', false)", v.replace('\'', "''")))
+        .collect();
     let mut sql = String::new();
-    for (k, v) in wanted {
-        if applied.get(k) != Some(v) && valid_name(k) {
-            sql.push_str(&format!("SET {k} = '{}';", v.replace('\'', "''")));
-        }
+    if !sets.is_empty() {
+        sql = format!("SELECT {};", sets.join(", "));
     }
     for k in applied.keys() {
         if !wanted.contains_key(k) && valid_name(k) {
@@ -98,7 +116,10 @@ mod tests {
     fn sync_sets_what_differs_and_resets_what_the_client_never_set() {
         let wanted = map(&[("TimeZone", "UTC"), ("application_name", "it's")]);
         let applied = map(&[("TimeZone", "UTC"), ("DateStyle", "German")]);
-        assert_eq!(sync_sql(&wanted, &applied).unwrap(), "SET application_name = 'it''s';RESET DateStyle;");
+        assert_eq!(
+            sync_sql(&wanted, &applied).unwrap(),
+            "SELECT pg_catalog.set_config('application_name', 'it''s', false);RESET DateStyle;"
+        );
         assert_eq!(sync_sql(&wanted, &wanted), None);
     }
 }

@@ -4,26 +4,28 @@
 //! Bytes are forwarded as they were read, every complete frame in one write; only frame headers are inspected,
 //! plus the few bodies that change pgsurge's state (ReadyForQuery, ParameterStatus, ErrorResponse).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::app::{App, Shutdown};
-use crate::backend::{Checkout, Pool, ReleaseState};
+use crate::backend::{Checkout, Pool, ReleaseState, ServerConn};
 use crate::cancel::CancelSlot;
 use crate::config::PoolMode;
 use crate::error::{Error, Result, Severity};
+use crate::frontend::expect::{Action, Expect, Expectations};
 use crate::frontend::params;
+use crate::frontend::statements::{self as st, Statement};
 use crate::protocol::codes::*;
+use crate::protocol::encode;
 use crate::protocol::frame::complete_len;
 use crate::protocol::view::{self, ErrorView};
-use crate::protocol::encode;
 
 #[derive(Debug, PartialEq, Eq)]
 enum Flow {
@@ -46,14 +48,14 @@ pub struct Session {
     pub server: Option<Checkout>,
     /// Settings this client expects on whatever server it lands on.
     pub wanted: BTreeMap<String, String>,
-    /// ReadyForQuery messages still owed by the server for what was forwarded.
-    pending: usize,
+    /// Replies the client is still owed, in order (see expect.rs).
+    expect: Expectations,
     /// Extended-protocol messages forwarded since the last Sync: the server must stay ours.
     unsynced: bool,
     /// After a local error in an extended-protocol run: drop messages until Sync, as Postgres does.
     skipping: bool,
-    /// pgsurge's own queries on this checkout whose replies are swallowed.
-    injected: usize,
+    /// This client's named prepared statements (client name -> shared statement).
+    stmts: HashMap<Bytes, Arc<Statement>>,
     status: TxStatus,
     max_message: usize,
     wait_timeout: Duration,
@@ -62,7 +64,15 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn new(app: Arc<App>, client: TcpStream, rbuf: BytesMut, pool: Arc<Pool>, mode: PoolMode, wanted: BTreeMap<String, String>, cancel: Arc<CancelSlot>) -> Session {
+    pub fn new(
+        app: Arc<App>,
+        client: TcpStream,
+        rbuf: BytesMut,
+        pool: Arc<Pool>,
+        mode: PoolMode,
+        wanted: BTreeMap<String, String>,
+        cancel: Arc<CancelSlot>,
+    ) -> Session {
         let cfg = app.config.load();
         let (max_message, wait_timeout) = (cfg.max_message_size, cfg.query_wait_timeout);
         let shutdown = app.shutdown.subscribe();
@@ -74,10 +84,10 @@ impl Session {
             mode,
             server: None,
             wanted,
-            pending: 0,
+            expect: Expectations::default(),
             unsynced: false,
             skipping: false,
-            injected: 0,
+            stmts: HashMap::new(),
             status: TxStatus::Idle,
             max_message,
             wait_timeout,
@@ -135,8 +145,6 @@ impl Session {
                 return Ok(Flow::Continue);
             }
             let mut at = 0;
-            let mut syncs = 0;
-            let mut unsynced = self.unsynced;
             let mut terminate = false;
             while let Some(n) = complete_len(&self.rbuf[at..], self.max_message).map_err(|e| Error::Protocol(e.to_string()))? {
                 match self.rbuf[at] {
@@ -144,12 +152,9 @@ impl Session {
                         terminate = true;
                         break;
                     }
-                    QUERY | SYNC | FUNCTION_CALL => {
-                        syncs += 1;
-                        unsynced = false;
-                    }
-                    PARSE | BIND | DESCRIBE | EXECUTE | CLOSE | FLUSH | COPY_DATA | COPY_DONE | COPY_FAIL => unsynced = true,
-                    t => return Err(Error::Protocol(format!("invalid frontend message type {}", t))),
+                    QUERY | SYNC | FUNCTION_CALL | PARSE | BIND | DESCRIBE | EXECUTE | CLOSE | FLUSH | COPY_DATA | COPY_DONE
+                    | COPY_FAIL => {}
+                    t => return Err(Error::Protocol(format!("invalid frontend message type {t}"))),
                 }
                 at += n;
             }
@@ -168,17 +173,140 @@ impl Session {
                     continue;
                 }
             }
-            let co = self.server.as_mut().expect("acquired above");
-            co.conn().stream.write_all(&self.rbuf[..at]).await.map_err(|e| Error::UpstreamLost(e.to_string()))?;
-            self.pool.stats.bytes_to_server.fetch_add(at as u64, Ordering::Relaxed);
-            self.pool.stats.queries.fetch_add(syncs as u64, Ordering::Relaxed);
-            self.rbuf.advance(at);
-            self.pending += syncs;
-            self.unsynced = unsynced;
+            self.forward_client(at).await?;
             if terminate {
                 return Ok(Flow::Exit);
             }
         }
+    }
+
+    /// Sends `rbuf[..at]` to the server: verbatim, except named statements, which are renamed to pgsurge's
+    /// server-side names and prepared on this server connection first if it has not seen them.
+    async fn forward_client(&mut self, at: usize) -> Result<()> {
+        let co = self.server.as_mut().expect("acquired");
+        let conn = co.conn();
+        let mut out: Option<BytesMut> = None;
+        let mut run_from = 0;
+        let mut pos = 0;
+        let mut queries = 0u64;
+        while pos < at {
+            let n = complete_len(&self.rbuf[pos..], usize::MAX).ok().flatten().unwrap_or(at - pos);
+            let tag = self.rbuf[pos];
+            let body = &self.rbuf[pos + 5..pos + n];
+            // None: forward this frame verbatim. Some(bytes): send these instead (empty: send nothing).
+            let mut replace: Option<BytesMut> = None;
+            match tag {
+                QUERY | FUNCTION_CALL => {
+                    queries += 1;
+                    self.unsynced = false;
+                    if tag == QUERY {
+                        if let Some(local) = statement_commands(body, &mut self.stmts, conn, self.status) {
+                            self.expect.push(Expect::Synthetic(local));
+                            replace = Some(BytesMut::new());
+                        }
+                    }
+                    if replace.is_none() {
+                        self.expect.push(Expect::Query { swallow: false });
+                    }
+                }
+                SYNC => {
+                    queries += 1;
+                    self.unsynced = false;
+                    self.expect.client_sync();
+                }
+                COPY_DONE | COPY_FAIL => self.expect.client_copy_end(),
+                PARSE => {
+                    self.unsynced = true;
+                    match st::parse_view(body) {
+                        Some((name, query, types)) if !name.is_empty() => {
+                            let stmt = self.app.statements.intern(query, types);
+                            self.stmts.insert(Bytes::copy_from_slice(name), stmt.clone());
+                            let mut b = BytesMut::new();
+                            if conn.prepared.get(&stmt.id).is_some() {
+                                self.expect.push(Expect::Synthetic(st::empty_msg(PARSE_COMPLETE)));
+                            } else {
+                                prepare_on(conn, &stmt, &mut self.expect, &mut b, false);
+                            }
+                            replace = Some(b);
+                        }
+                        _ => self.expect.push(Expect::Parse { swallow: false, stmt: None }),
+                    }
+                }
+                BIND => {
+                    self.unsynced = true;
+                    if let Some((portal, name, rest)) = st::bind_view(body) {
+                        if let Some(stmt) = self.stmts.get(name).cloned() {
+                            let mut b = BytesMut::new();
+                            ensure_prepared(conn, &stmt, &mut self.expect, &mut b);
+                            st::put_bind(&mut b, portal, &stmt.server_name, rest);
+                            replace = Some(b);
+                        }
+                    }
+                    self.expect.push(Expect::Bind);
+                }
+                DESCRIBE => {
+                    self.unsynced = true;
+                    let target = st::target_view(body);
+                    if let Some((b'S', name)) = target {
+                        if let Some(stmt) = self.stmts.get(name).cloned() {
+                            let mut b = BytesMut::new();
+                            ensure_prepared(conn, &stmt, &mut self.expect, &mut b);
+                            st::put_target(&mut b, DESCRIBE, &stmt.server_name);
+                            replace = Some(b);
+                        }
+                    }
+                    self.expect.push(if matches!(target, Some((b'P', _))) { Expect::DescribePortal } else { Expect::DescribeStatement });
+                }
+                CLOSE => {
+                    self.unsynced = true;
+                    match st::target_view(body) {
+                        Some((b'S', name)) if !name.is_empty() && self.stmts.remove(name).is_some() => {
+                            // The server keeps it (other clients may use it); the client gets its CloseComplete.
+                            self.expect.push(Expect::Synthetic(st::empty_msg(CLOSE_COMPLETE)));
+                            replace = Some(BytesMut::new());
+                        }
+                        _ => self.expect.push(Expect::Close { swallow: false }),
+                    }
+                }
+                EXECUTE => {
+                    self.unsynced = true;
+                    self.expect.push(Expect::Execute);
+                }
+                _ => {} // Flush and CopyData belong to a request already accounted for
+            }
+            if let Some(r) = replace {
+                let o = out.get_or_insert_with(|| BytesMut::with_capacity(at + 64));
+                o.extend_from_slice(&self.rbuf[run_from..pos]);
+                o.extend_from_slice(&r);
+                run_from = pos + n;
+            }
+            pos += n;
+        }
+        let sent = match out.as_mut() {
+            Some(o) => {
+                o.extend_from_slice(&self.rbuf[run_from..at]);
+                conn.stream.write_all(o).await.map_err(|e| Error::UpstreamLost(e.to_string()))?;
+                o.len()
+            }
+            None => {
+                conn.stream.write_all(&self.rbuf[..at]).await.map_err(|e| Error::UpstreamLost(e.to_string()))?;
+                at
+            }
+        };
+        self.pool.stats.bytes_to_server.fetch_add(sent as u64, Ordering::Relaxed);
+        self.pool.stats.queries.fetch_add(queries, Ordering::Relaxed);
+        self.rbuf.advance(at);
+        self.write_due().await
+    }
+
+    /// Writes synthetic replies that are due now (everything before them has been answered).
+    async fn write_due(&mut self) -> Result<()> {
+        let mut due = vec![];
+        self.expect.take_due(&mut due);
+        if !due.is_empty() {
+            self.client.write_all(&due.concat()).await?;
+        }
+        Ok(())
     }
 
     /// Checks out a server connection and brings its session settings in line with this client's.
@@ -195,7 +323,7 @@ impl Session {
             let conn = co.conn();
             conn.stream.write_all(&encode::query(&sql)).await.map_err(|e| Error::UpstreamLost(e.to_string()))?;
             conn.applied = self.wanted.clone();
-            self.injected += 1;
+            self.expect.push(Expect::Query { swallow: true });
         }
         self.server = Some(co);
         Ok(())
@@ -247,37 +375,33 @@ impl Session {
         Ok(false)
     }
 
-    /// Forwards every complete server frame read so far; swallows replies to pgsurge's own queries.
+    /// Forwards every complete server frame read so far, in one write; swallows replies to pgsurge's own
+    /// messages and slips in the replies it owes itself, in order.
     async fn forward_server(&mut self) -> Result<()> {
         let co = self.server.as_mut().expect("reading a server we hold");
         let conn = co.conn();
         let mut at = 0;
-        let mut skip = 0;
-        while let Some(n) = complete_len(&conn.rbuf[at..], crate::backend::server::MAX_SERVER_MESSAGE).map_err(|e| Error::UpstreamLost(e.to_string()))? {
+        let mut run_from = 0;
+        let mut out: Option<BytesMut> = None;
+        let mut due = vec![];
+        let mut unprepared = vec![];
+        while let Some(n) =
+            complete_len(&conn.rbuf[at..], crate::backend::server::MAX_SERVER_MESSAGE).map_err(|e| Error::UpstreamLost(e.to_string()))?
+        {
             let tag = conn.rbuf[at];
-            if self.injected > 0 {
-                if tag == READY_FOR_QUERY {
-                    self.injected -= 1;
-                } else if tag == ERROR_RESPONSE {
-                    let e = ErrorView::parse(&conn.rbuf[at + 5..at + n]).unwrap_or_default();
-                    tracing::warn!(code = %e.code, message = %e.message, "re-applying a client's session settings failed");
-                    conn.applied.clear();
-                }
-                at += n;
-                skip = at;
-                continue;
-            }
+            let action = self.expect.on_server_frame(tag, &mut unprepared);
             match tag {
                 READY_FOR_QUERY => {
-                    self.pending = self.pending.saturating_sub(1);
                     if let Some(s) = conn.rbuf.get(at + 5).copied().and_then(TxStatus::from_byte) {
-                        self.status = s;
-                    }
-                    if self.status == TxStatus::Idle {
-                        self.pool.stats.transactions.fetch_add(1, Ordering::Relaxed);
+                        if action == Action::Forward {
+                            self.status = s;
+                            if s == TxStatus::Idle {
+                                self.pool.stats.transactions.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
                     }
                 }
-                PARAMETER_STATUS => {
+                PARAMETER_STATUS if action == Action::Forward => {
                     if let Some((k, v)) = view::parameter_status(&conn.rbuf[at + 5..at + n]) {
                         if params::is_session_setting(&k) {
                             conn.applied.insert(k.clone(), v.clone());
@@ -285,16 +409,45 @@ impl Session {
                         }
                     }
                 }
+                ERROR_RESPONSE if action == Action::Swallow => {
+                    let e = ErrorView::parse(&conn.rbuf[at + 5..at + n]).unwrap_or_default();
+                    tracing::warn!(code = %e.code, message = %e.message, "re-applying a client's session settings failed");
+                    conn.applied.clear();
+                }
                 _ => {}
+            }
+            self.expect.take_due(&mut due);
+            if action == Action::Swallow || !due.is_empty() {
+                let o = out.get_or_insert_with(BytesMut::new);
+                let end = if action == Action::Swallow { at } else { at + n };
+                o.extend_from_slice(&conn.rbuf[run_from..end]);
+                for d in due.drain(..) {
+                    o.extend_from_slice(&d);
+                }
+                run_from = at + n;
             }
             at += n;
         }
-        if at > skip {
-            self.client.write_all(&conn.rbuf[skip..at]).await?;
-            self.pool.stats.bytes_to_client.fetch_add((at - skip) as u64, Ordering::Relaxed);
+        for id in unprepared {
+            conn.prepared.pop(&id);
         }
+        let written = match out.as_mut() {
+            Some(o) => {
+                o.extend_from_slice(&conn.rbuf[run_from..at]);
+                if !o.is_empty() {
+                    self.client.write_all(o).await?;
+                }
+                o.len()
+            }
+            None if at > 0 => {
+                self.client.write_all(&conn.rbuf[..at]).await?;
+                at
+            }
+            None => 0,
+        };
+        self.pool.stats.bytes_to_client.fetch_add(written as u64, Ordering::Relaxed);
         conn.rbuf.advance(at);
-        let idle = self.pending == 0 && !self.unsynced && self.injected == 0 && self.status == TxStatus::Idle && conn.rbuf.is_empty();
+        let idle = self.expect.is_empty() && !self.unsynced && self.status == TxStatus::Idle && conn.rbuf.is_empty();
         if idle && self.mode == PoolMode::Transaction {
             self.release(ReleaseState::Clean).await;
         }
@@ -316,6 +469,7 @@ impl Session {
         let reason = err.map(|e| e.to_string()).unwrap_or_else(|| "server closed the connection unexpectedly".into());
         tracing::warn!(pool = %self.pool.key.database, reason, "server connection lost");
         self.release(ReleaseState::Broken).await;
+        self.expect.clear();
         self.pool.purge_dead_idle();
         Err(Error::UpstreamLost(reason))
     }
@@ -323,7 +477,7 @@ impl Session {
     /// At session end: hand the server back clean, reset it, or (mid-query) cancel the query and close it.
     async fn release_at_end(&mut self) {
         let Some(co) = self.server.as_ref() else { return };
-        let quiet = self.pending == 0 && !self.unsynced && self.injected == 0 && co.conn_ref().rbuf.is_empty();
+        let quiet = self.expect.is_empty() && !self.unsynced && co.conn_ref().rbuf.is_empty();
         let session = self.mode == PoolMode::Session;
         let state = if !quiet {
             let target = co.conn_ref().cancel_target.clone();
@@ -337,5 +491,56 @@ impl Session {
             ReleaseState::NeedsReset { rollback: self.status != TxStatus::Idle, discard: session }
         };
         self.release(state).await;
+    }
+}
+
+/// Queues a Parse of `stmt` under its server name on this connection, evicting (and closing) the least
+/// recently used statement if the connection's set is full.
+fn prepare_on(conn: &mut ServerConn, stmt: &Statement, expect: &mut Expectations, out: &mut BytesMut, swallow: bool) {
+    if let Some((_, evicted)) = conn.prepared.push(stmt.id, stmt.server_name.clone()) {
+        if evicted != stmt.server_name {
+            st::put_target(out, CLOSE, &evicted);
+            expect.push(Expect::Close { swallow: true });
+        }
+    }
+    out.extend_from_slice(&stmt.parse);
+    expect.push(Expect::Parse { swallow, stmt: Some(stmt.id) });
+}
+
+/// Before a Bind or Describe of `stmt`: prepares it here if this server connection has not seen it.
+fn ensure_prepared(conn: &mut ServerConn, stmt: &Statement, expect: &mut Expectations, out: &mut BytesMut) {
+    if conn.prepared.get(&stmt.id).is_none() {
+        prepare_on(conn, stmt, expect, out, true);
+    }
+}
+
+/// Simple-query commands about prepared statements that pgsurge must see: `DEALLOCATE name` of a protocol-level
+/// statement is answered here; `DEALLOCATE ALL` and `DISCARD ALL` also forget them (and go to the server).
+fn statement_commands(body: &[u8], stmts: &mut HashMap<Bytes, Arc<Statement>>, conn: &mut ServerConn, status: TxStatus) -> Option<Bytes> {
+    let text = view::query_text(body)?;
+    if text.len() > 64 {
+        return None;
+    }
+    let text = String::from_utf8_lossy(text);
+    let words: Vec<String> = text.trim().trim_end_matches(';').split_whitespace().map(|w| w.to_ascii_lowercase()).collect();
+    let words: Vec<&str> = words.iter().map(String::as_str).collect();
+    match words.as_slice() {
+        ["discard", "all"] | ["deallocate", "all"] | ["deallocate", "prepare", "all"] => {
+            stmts.clear();
+            conn.prepared.clear();
+            if words[0] == "discard" {
+                conn.applied.clear();
+            }
+            None
+        }
+        ["deallocate", name] | ["deallocate", "prepare", name] => {
+            let name = name.trim_matches('"');
+            stmts.remove(name.as_bytes())?;
+            let mut out = BytesMut::new();
+            encode::put_command_complete(&mut out, "DEALLOCATE");
+            encode::put_ready_for_query(&mut out, status);
+            Some(out.freeze())
+        }
+        _ => None,
     }
 }

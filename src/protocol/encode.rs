@@ -42,7 +42,7 @@ pub fn startup(params: &[(&str, &str)]) -> Bytes {
 
 pub fn cancel_request(pid: u32, secret: &[u8]) -> Bytes {
     let mut b = BytesMut::with_capacity(16);
-    b.put_i32(8 + secret.len() as i32);
+    b.put_i32(12 + secret.len() as i32);
     b.put_u32(CANCEL_REQUEST);
     b.put_u32(pid);
     b.put_slice(secret);
@@ -68,7 +68,14 @@ pub fn put_notice(out: &mut BytesMut, e: &ErrorFields<'_>) {
 }
 
 fn put_fields(b: &mut BytesMut, e: &ErrorFields<'_>) {
-    for (k, v) in [(b'S', Some(e.severity)), (b'V', Some(e.severity)), (b'C', Some(e.code)), (b'M', Some(e.message)), (b'D', e.detail), (b'H', e.hint)] {
+    for (k, v) in [
+        (b'S', Some(e.severity)),
+        (b'V', Some(e.severity)),
+        (b'C', Some(e.code)),
+        (b'M', Some(e.message)),
+        (b'D', e.detail),
+        (b'H', e.hint),
+    ] {
         if let Some(v) = v {
             b.put_u8(k);
             put_cstr(b, v);

@@ -66,17 +66,6 @@ impl FrameSplitter {
             None => Ok(None),
         }
     }
-
-    /// Walks the complete frames at the front of `buf` without taking them: calls `f(tag, frame_bytes)` for each
-    /// and returns how many bytes they span. The caller forwards that prefix in one write.
-    pub fn scan(&self, buf: &[u8], mut f: impl FnMut(u8, &[u8])) -> Result<usize, FrameError> {
-        let mut at = 0;
-        while let Some(n) = complete_len(&buf[at..], self.max_len)? {
-            f(buf[at], &buf[at..at + n]);
-            at += n;
-        }
-        Ok(at)
-    }
 }
 
 /// Reads a NUL-terminated string from the front of `b`, advancing it.
@@ -125,15 +114,5 @@ mod tests {
         assert!(matches!(s.split(&mut neg), Err(FrameError::BadLength { .. })));
         let mut huge = BytesMut::from(&b"Q\x7f\xff\xff\xff"[..]);
         assert!(matches!(s.split(&mut huge), Err(FrameError::TooLong { .. })));
-    }
-
-    #[test]
-    fn scan_reports_each_frame_and_the_complete_prefix() {
-        let s = FrameSplitter::new(1024);
-        let buf = b"1\0\0\0\x042\0\0\0\x04Z\0\0\0\x05IT\0";
-        let mut tags = vec![];
-        let n = s.scan(buf, |t, _| tags.push(t)).unwrap();
-        assert_eq!(tags, b"12Z");
-        assert_eq!(n, 15);
     }
 }

@@ -89,6 +89,13 @@ mod tests {
     }
 
     #[test]
+    fn a_cancel_request_round_trips() {
+        let pkt = encode::cancel_request(42, &[1, 2, 3, 4]);
+        assert_eq!(complete_len(&pkt), Ok(Some(16)));
+        assert_eq!(parse(&pkt).unwrap(), StartupPacket::Cancel { pid: 42, secret: vec![1, 2, 3, 4] });
+    }
+
+    #[test]
     fn refuses_protocol_2_and_garbage() {
         assert!(matches!(parse(b"\0\0\0\x08\0\x02\0\0"), Err(StartupError::UnsupportedVersion(_))));
         assert!(matches!(parse(b"\0\0\0\x0b\0\x03\0\0abc"), Err(StartupError::Malformed(_))));

@@ -43,7 +43,11 @@ pub fn analyze(sql: &str) -> Analysis {
             NodeEnum::CopyStmt(c) => {
                 if let Some(rel) = &c.relation {
                     let name = qualified(&rel.catalogname, &rel.schemaname, &rel.relname);
-                    if c.is_from { written.insert(name) } else { copied_out.insert(name) };
+                    if c.is_from {
+                        written.insert(name)
+                    } else {
+                        copied_out.insert(name)
+                    };
                 }
             }
             NodeEnum::DropStmt(d) => written.extend(drop_targets(d)),
@@ -92,13 +96,14 @@ pub fn analyze(sql: &str) -> Analysis {
         cacheable: Cacheability::Yes,
         hints,
     };
-    analysis.cacheable = cacheability(&analysis, &all, reads_temp);
+    let top_is_select = matches!(nodes[0], NodeEnum::SelectStmt(_));
+    analysis.cacheable = cacheability(&analysis, &all, top_is_select, reads_temp);
     analysis
 }
 
 /// Applies the read-cache rules that the text decides, in the priority documented on
 /// [`Cacheability::No`]: opt-in-able reasons (unknown function, temp, catalog) come last.
-fn cacheability(a: &Analysis, facts: &Facts, reads_temp: bool) -> Cacheability {
+fn cacheability(a: &Analysis, facts: &Facts, top_is_select: bool, reads_temp: bool) -> Cacheability {
     use Cacheability::No;
     if a.class == StatementClass::Multiple {
         return No(reason::MULTIPLE);
@@ -109,11 +114,10 @@ fn cacheability(a: &Analysis, facts: &Facts, reads_temp: bool) -> Cacheability {
     if a.select_into {
         return No(reason::SELECT_INTO);
     }
-    if facts.has_dml {
-        return No(reason::DATA_MODIFYING_CTE);
-    }
     if a.class != StatementClass::Select {
-        return No(reason::NOT_SELECT);
+        // A SELECT classed as a write can only be one with INSERT/UPDATE/DELETE in a CTE.
+        let cte_write = facts.has_dml && a.statements.len() == 1 && top_is_select;
+        return No(if cte_write { reason::DATA_MODIFYING_CTE } else { reason::NOT_SELECT });
     }
     if a.locking {
         return No(reason::LOCKING);

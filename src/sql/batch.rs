@@ -1,31 +1,34 @@
-//! Recognises the N+1 shape `SELECT <row exprs> FROM <table> WHERE <col> = $1` and builds its merged form.
-//!
-//! The merged statement is built by editing the parse tree and deparsing it with pg_query,
-//! not by pasting source text: the parser has already resolved quoting, comments and casing,
-//! and the deparser re-quotes identifiers correctly, so odd names (`"Order"`, `"a""b"`) cannot
-//! break the SQL. The original target list is kept as a tree, so every output column keeps
-//! the name Postgres derives for it (alias, column name, function name or `?column?`).
-//! Deparsing happens once, in [`batchable`], with a placeholder type name; [`BatchShape::merged_sql`]
-//! only splices the array type in, so it cannot fail and its text depends on the type alone.
+//! Recognises the N+1 shape `SELECT <row exprs> FROM <table> WHERE <col> = $1` (see [`batchable`]).
 
+use super::merge::{deparse_select, is_bare_star, merged_parts, type_ident, with_param};
 use super::tree;
 use super::volatility::{volatility, FuncKind, Volatility};
 use pg_query::protobuf::{self, a_const::Val, AExprKind, SetOperation};
 use pg_query::{Node, NodeEnum};
 
-/// The merged statement, before the placeholders are filled in. Its ON clause is rewritten
-/// to the real key column; `pgsurge_type` becomes the array element type.
-const TEMPLATE: &str = "SELECT pgsurge_k.pgsurge_ord FROM pgsurge_t \
-     JOIN unnest($1::pgsurge_type[]) WITH ORDINALITY AS pgsurge_k(pgsurge_key, pgsurge_ord) \
-     ON pgsurge_t.pgsurge_col = pgsurge_k.pgsurge_key ORDER BY pgsurge_k.pgsurge_ord";
-const TYPE_PLACEHOLDER: &str = "pgsurge_type";
-
 /// Expression node types a batched target may contain: row-local, no sub-selects, no
 /// parameters, no session values. Functions are checked separately against the allowlist.
 const TARGET_NODES: &[&str] = &[
-    "ResTarget", "ColumnRef", "AStar", "AConst", "TypeCast", "AExpr", "BoolExpr", "NullTest",
-    "BooleanTest", "CaseExpr", "CaseWhen", "CoalesceExpr", "MinMaxExpr", "FuncCall", "RowExpr",
-    "AArrayExpr", "CollateClause", "AIndirection", "AIndices", "List",
+    "ResTarget",
+    "ColumnRef",
+    "AStar",
+    "AConst",
+    "TypeCast",
+    "AExpr",
+    "BoolExpr",
+    "NullTest",
+    "BooleanTest",
+    "CaseExpr",
+    "CaseWhen",
+    "CoalesceExpr",
+    "MinMaxExpr",
+    "FuncCall",
+    "RowExpr",
+    "AArrayExpr",
+    "CollateClause",
+    "AIndirection",
+    "AIndices",
+    "List",
 ];
 
 /// A statement that can be merged with others of the same text into one round trip.
@@ -38,8 +41,13 @@ pub struct BatchShape {
     /// For the simple-protocol form `WHERE id = 42` / `WHERE code = 'abc'`: the literal's value
     /// as text, to be sent as a text-format array element. `None` for `= $1`.
     pub literal: Option<String>,
+    /// The array element type that reproduces the literal's own type, when the text fixes it:
+    /// `Some("int4")` for an integer literal (Postgres types `42` as int4, so `text_col = 42`
+    /// must still fail in the merged query). `None` for `$1` and string literals.
+    pub literal_type: Option<&'static str>,
     /// The single-key statement with `$1` in place of the literal (the original text for `$1`
-    /// forms). Parse/Describe it to learn the key's type OID for [`array_cast_type`].
+    /// forms). For `$1` and string literals, Parse/Describe it to learn the key's type OID for
+    /// [`array_cast_type`]: an unknown-typed `$1` resolves exactly like an untyped `'abc'`.
     pub param_sql: String,
     merged_prefix: String,
     merged_suffix: String,
@@ -82,12 +90,7 @@ pub fn batchable(sql: &str) -> Option<BatchShape> {
         return None;
     }
 
-    let merged = merge_tree(select, from, &qualifier, &key_column)?;
-    let merged_sql = deparse_select(merged)?;
-    let (merged_prefix, merged_suffix) = merged_sql.split_once(TYPE_PLACEHOLDER)?;
-    if merged_suffix.contains(TYPE_PLACEHOLDER) {
-        return None;
-    }
+    let (merged_prefix, merged_suffix) = merged_parts(select, from, &qualifier, &key_column)?;
     let param_sql = match literal {
         None => sql.to_string(),
         Some(_) => deparse_select(with_param(select))?,
@@ -95,37 +98,40 @@ pub fn batchable(sql: &str) -> Option<BatchShape> {
     Some(BatchShape {
         table: qualifier_of_table(table).join("."),
         key_column,
+        literal_type: literal_type(key_side),
         literal: literal.map(|l| l.to_string()),
         param_sql,
-        merged_prefix: merged_prefix.to_string(),
-        merged_suffix: merged_suffix.to_string(),
+        merged_prefix,
+        merged_suffix,
     })
 }
 
 /// Maps a parameter type OID (from ParameterDescription) to the name used in `$1::<name>[]`.
 /// Only built-in types with a plain `=` operator; `None` means "do not batch".
 pub fn array_cast_type(oid: u32) -> Option<&'static str> {
-    Some(match oid {
-        16 => "bool",
-        17 => "bytea",
-        19 => "name",
-        20 => "int8",
-        21 => "int2",
-        23 => "int4",
-        25 => "text",
-        26 => "oid",
-        700 => "float4",
-        701 => "float8",
-        1042 => "bpchar",
-        1043 => "varchar",
-        1082 => "date",
-        1114 => "timestamp",
-        1184 => "timestamptz",
-        1700 => "numeric",
-        2950 => "uuid",
-        _ => return None,
-    })
+    ARRAY_TYPES.iter().find(|(o, _)| *o == oid).map(|(_, name)| *name)
 }
+
+/// Built-in types whose `=` is the ordinary equality the original `col = $1` would use.
+const ARRAY_TYPES: &[(u32, &str)] = &[
+    (16, "bool"),
+    (17, "bytea"),
+    (19, "name"),
+    (20, "int8"),
+    (21, "int2"),
+    (23, "int4"),
+    (25, "text"),
+    (26, "oid"),
+    (700, "float4"),
+    (701, "float8"),
+    (1042, "bpchar"),
+    (1043, "varchar"),
+    (1082, "date"),
+    (1114, "timestamp"),
+    (1184, "timestamptz"),
+    (1700, "numeric"),
+    (2950, "uuid"),
+];
 
 /// No DISTINCT, INTO, GROUP BY, HAVING, WINDOW, VALUES, ORDER BY, LIMIT/OFFSET, locking, CTE
 /// or set operation.
@@ -187,61 +193,26 @@ fn literal_text<'a>(sql: &str, value: &'a Node) -> Option<Option<std::borrow::Co
     }
 }
 
+fn literal_type(value: &Node) -> Option<&'static str> {
+    match &value.node {
+        Some(NodeEnum::AConst(protobuf::AConst { val: Some(Val::Ival(_)), .. })) => Some("int4"),
+        _ => None,
+    }
+}
+
 /// Targets may only be expressions over the row: allowed node types, immutable scalar
 /// functions, and unqualified `*` only as a whole target (we qualify those).
 fn targets_are_row_local(targets: &[Node]) -> bool {
     let facts = tree::collect(&targets.to_vec());
-    let top_level_stars = targets.iter().filter(|t| bare_star(t).is_some()).count();
+    let top_level_stars = targets.iter().filter(|t| is_bare_star(t)).count();
     facts.node_types.iter().all(|t| TARGET_NODES.contains(&t.as_str()))
         && facts.bare_stars == top_level_stars
         && !facts.sql_value_function
-        && facts.functions.iter().all(|(name, nargs)| {
-            volatility(name, *nargs) == Volatility::Immutable(FuncKind::Scalar)
-        })
-}
-
-/// Grafts the original targets and table into the template.
-fn merge_tree(s: &protobuf::SelectStmt, from: &Node, qualifier: &[String], key: &str) -> Option<protobuf::SelectStmt> {
-    let template = pg_query::parse(TEMPLATE, 0).ok()?;
-    let Some(NodeEnum::SelectStmt(t)) = template.protobuf.stmts.first()?.stmt.as_ref()?.node.clone() else {
-        return None;
-    };
-    let mut merged = *t;
-    let mut targets = s.target_list.clone();
-    for target in &mut targets {
-        // `*` would also expand pgsurge_k's columns: make it `<alias>.*`.
-        if let Some(star) = bare_star_mut(target) {
-            let mut fields: Vec<Node> = qualifier.iter().map(|q| string_node(q)).collect();
-            fields.append(&mut star.fields);
-            star.fields = fields;
-        }
-    }
-    targets.append(&mut merged.target_list);
-    merged.target_list = targets;
-
-    let Some(NodeEnum::JoinExpr(join)) = merged.from_clause.first_mut()?.node.as_mut() else { return None };
-    join.larg = Some(Box::new(from.clone()));
-    let Some(NodeEnum::AExpr(on)) = join.quals.as_deref_mut()?.node.as_mut() else { return None };
-    let Some(NodeEnum::ColumnRef(left)) = on.lexpr.as_deref_mut()?.node.as_mut() else { return None };
-    left.fields = qualifier.iter().chain(std::iter::once(&key.to_string())).map(|f| string_node(f)).collect();
-    Some(merged)
-}
-
-/// The original statement with its key literal replaced by `$1`.
-fn with_param(s: &protobuf::SelectStmt) -> protobuf::SelectStmt {
-    let mut s = s.clone();
-    if let Some(NodeEnum::AExpr(expr)) = s.where_clause.as_deref_mut().and_then(|w| w.node.as_mut()) {
-        for side in [&mut expr.lexpr, &mut expr.rexpr].into_iter().flatten() {
-            if matches!(side.node, Some(NodeEnum::AConst(_))) {
-                side.node = Some(NodeEnum::ParamRef(protobuf::ParamRef { number: 1, location: -1 }));
-            }
-        }
-    }
-    s
-}
-
-fn deparse_select(s: protobuf::SelectStmt) -> Option<String> {
-    NodeEnum::SelectStmt(Box::new(s)).deparse(Default::default()).ok()
+        && !facts.time_literal
+        && facts
+            .functions
+            .iter()
+            .all(|(name, nargs)| volatility(name, *nargs) == Volatility::Immutable(FuncKind::Scalar))
 }
 
 /// The name that qualifies the table's columns: its alias, else the table name as written.
@@ -256,23 +227,6 @@ fn qualifier_of_table(t: &protobuf::RangeVar) -> Vec<String> {
     [&t.catalogname, &t.schemaname, &t.relname].into_iter().filter(|p| !p.is_empty()).cloned().collect()
 }
 
-fn bare_star(target: &Node) -> Option<&protobuf::ColumnRef> {
-    let Some(NodeEnum::ResTarget(t)) = &target.node else { return None };
-    match t.val.as_deref()?.node.as_ref()? {
-        NodeEnum::ColumnRef(c) if matches!(c.fields.as_slice(), [Node { node: Some(NodeEnum::AStar(_)) }]) => Some(c),
-        _ => None,
-    }
-}
-
-fn bare_star_mut(target: &mut Node) -> Option<&mut protobuf::ColumnRef> {
-    bare_star(target)?;
-    let Some(NodeEnum::ResTarget(t)) = &mut target.node else { return None };
-    match t.val.as_deref_mut()?.node.as_mut()? {
-        NodeEnum::ColumnRef(c) => Some(c),
-        _ => None,
-    }
-}
-
 /// The strings of a list of `String` nodes; `None` if any element is something else (`*`).
 fn string_list(nodes: &[Node]) -> Option<Vec<String>> {
     nodes
@@ -282,20 +236,4 @@ fn string_list(nodes: &[Node]) -> Option<Vec<String>> {
             _ => None,
         })
         .collect()
-}
-
-fn string_node(s: &str) -> Node {
-    Node { node: Some(NodeEnum::String(protobuf::String { sval: s.to_string() })) }
-}
-
-/// A type name as SQL: simple lowercase names as they are, anything else double-quoted, so a
-/// caller's mistake yields "type does not exist" (and a per-request fallback), never injection.
-fn type_ident(name: &str) -> String {
-    let simple = name.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
-        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
-    if simple {
-        name.to_string()
-    } else {
-        format!("\"{}\"", name.replace('"', "\"\""))
-    }
 }

@@ -20,18 +20,15 @@ pub(super) fn classify(node: &NodeEnum, facts: &Facts) -> StatementClass {
                 C::Select
             }
         }
-        NodeEnum::InsertStmt(_)
-        | NodeEnum::UpdateStmt(_)
-        | NodeEnum::DeleteStmt(_)
-        | NodeEnum::MergeStmt(_) => C::Write,
+        NodeEnum::InsertStmt(_) | NodeEnum::UpdateStmt(_) | NodeEnum::DeleteStmt(_) | NodeEnum::MergeStmt(_) => {
+            C::Write
+        }
         NodeEnum::CopyStmt(c) if c.is_from => C::Write,
         NodeEnum::CopyStmt(_) => C::CopyTo,
         NodeEnum::TransactionStmt(t) => C::Transaction(tx_kind(t.kind)),
         NodeEnum::VariableSetStmt(v) => set_class(v),
         // DISCARD ALL includes SET SESSION AUTHORIZATION DEFAULT and RESET ALL.
-        NodeEnum::DiscardStmt(d) if d.target == protobuf::DiscardMode::DiscardAll as i32 => {
-            C::RoleChange
-        }
+        NodeEnum::DiscardStmt(d) if d.target == protobuf::DiscardMode::DiscardAll as i32 => C::RoleChange,
         NodeEnum::DiscardStmt(_) => C::Other,
         NodeEnum::VariableShowStmt(_) => C::Show,
         NodeEnum::ExplainStmt(e) => explain_class(e, facts),
@@ -118,8 +115,7 @@ fn explain_class(e: &protobuf::ExplainStmt, facts: &Facts) -> StatementClass {
     let inner_writes = facts.has_dml
         || matches!(e.query.as_deref().and_then(|q| q.node.as_ref()),
             Some(NodeEnum::SelectStmt(s)) if s.into_clause.is_some())
-        || matches!(e.query.as_deref().and_then(|q| q.node.as_ref()),
-            Some(NodeEnum::CreateTableAsStmt(_)));
+        || matches!(e.query.as_deref().and_then(|q| q.node.as_ref()), Some(NodeEnum::CreateTableAsStmt(_)));
     if analyze && inner_writes {
         StatementClass::Write
     } else {

@@ -20,6 +20,7 @@ mod analyze;
 mod batch;
 mod classify;
 mod hints;
+mod merge;
 mod tree;
 pub mod volatility;
 
@@ -93,7 +94,10 @@ pub enum StatementClass {
     Multiple,
     /// An empty string or only comments (Postgres answers EmptyQueryResponse).
     Empty,
-    /// pg_query could not parse it (or the tree was too deep to decode): treat as unknown.
+    /// pg_query could not parse it, or could not decode the tree: pg_query (prost) refuses trees
+    /// nested deeper than 100 messages, which a valid `a + b + ... ` chain of ~50 terms reaches.
+    /// Treat as unknown: never cache it, and if the server runs it successfully, assume it wrote
+    /// tables we cannot name.
     ParseError,
 }
 
@@ -183,7 +187,6 @@ pub struct Hints {
 /// Uses `RANGEVAR_PG17_COMPAT | FULL_RELNAME` so that schemas and full relation names count and
 /// aliases do not. Returns `None` if the text does not parse. Never a cache key (see module doc).
 pub fn fingerprint_group(sql: &str) -> Option<u64> {
-    let options = pg_query::FingerprintOptions::RANGEVAR_PG17_COMPAT
-        | pg_query::FingerprintOptions::FULL_RELNAME;
+    let options = pg_query::FingerprintOptions::RANGEVAR_PG17_COMPAT | pg_query::FingerprintOptions::FULL_RELNAME;
     pg_query::fingerprint(sql, 0, options).ok().map(|f| f.value)
 }

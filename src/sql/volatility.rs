@@ -62,58 +62,119 @@ fn immutable_kind(name: &str, nargs: usize) -> Option<FuncKind> {
     use FuncKind::*;
     let kind = match name {
         // Mathematics.
-        "abs" | "acos" | "acosd" | "acosh" | "asin" | "asind" | "asinh" | "atan" | "atan2"
-        | "atan2d" | "atand" | "atanh" | "cbrt" | "ceil" | "ceiling" | "cos" | "cosd" | "cosh"
-        | "cot" | "cotd" | "degrees" | "div" | "exp" | "factorial" | "floor" | "gcd" | "lcm"
-        | "ln" | "log" | "log10" | "mod" | "pi" | "power" | "radians" | "round" | "scale"
-        | "sign" | "sin" | "sind" | "sinh" | "sqrt" | "tan" | "tand" | "tanh" | "trunc"
-        | "width_bucket" | "min_scale" | "trim_scale" => Scalar,
+        "abs" | "acos" | "acosd" | "acosh" | "asin" | "asind" | "asinh" | "atan" | "atan2" | "atan2d" | "atand"
+        | "atanh" | "cbrt" | "ceil" | "ceiling" | "cos" | "cosd" | "cosh" | "cot" | "cotd" | "degrees" | "div"
+        | "exp" | "factorial" | "floor" | "gcd" | "lcm" | "ln" | "log" | "log10" | "mod" | "pi" | "power"
+        | "radians" | "round" | "scale" | "sign" | "sin" | "sind" | "sinh" | "sqrt" | "tan" | "tand" | "tanh"
+        | "trunc" | "width_bucket" | "min_scale" | "trim_scale" => Scalar,
         // Strings. Not concat/concat_ws/format/to_char/to_number/to_date/quote_literal:
         // those are STABLE (they call type output functions or read locale settings).
-        "ascii" | "bit_length" | "btrim" | "char_length" | "character_length" | "chr"
-        | "decode" | "encode" | "initcap" | "left" | "lower" | "lpad" | "ltrim" | "md5"
-        | "octet_length" | "overlay" | "position" | "regexp_replace" | "regexp_match"
-        | "regexp_split_to_array" | "regexp_count" | "regexp_instr" | "regexp_like"
-        | "regexp_substr" | "repeat" | "replace" | "reverse" | "right" | "rpad" | "rtrim"
-        | "split_part" | "starts_with" | "strpos" | "substr" | "substring" | "translate"
-        | "upper" | "to_hex" | "sha224" | "sha256" | "sha384" | "sha512" | "string_to_array"
-        | "quote_ident" | "to_ascii" | "unistr" | "normalize" | "is_normalized" => Scalar,
+        "ascii"
+        | "bit_length"
+        | "btrim"
+        | "char_length"
+        | "character_length"
+        | "chr"
+        | "decode"
+        | "encode"
+        | "initcap"
+        | "left"
+        | "lower"
+        | "lpad"
+        | "ltrim"
+        | "md5"
+        | "octet_length"
+        | "overlay"
+        | "position"
+        | "regexp_replace"
+        | "regexp_match"
+        | "regexp_split_to_array"
+        | "regexp_count"
+        | "regexp_instr"
+        | "regexp_like"
+        | "regexp_substr"
+        | "repeat"
+        | "replace"
+        | "reverse"
+        | "right"
+        | "rpad"
+        | "rtrim"
+        | "split_part"
+        | "starts_with"
+        | "strpos"
+        | "substr"
+        | "substring"
+        | "translate"
+        | "upper"
+        | "to_hex"
+        | "sha224"
+        | "sha256"
+        | "sha384"
+        | "sha512"
+        | "string_to_array"
+        | "quote_ident"
+        | "to_ascii"
+        | "unistr"
+        | "normalize"
+        | "is_normalized" => Scalar,
         // length(bytea, encoding name) is stable; the one-argument forms are immutable.
         "length" if nargs == 1 => Scalar,
         // Arrays (array_to_string is stable: it calls element output functions).
-        "array_length" | "array_lower" | "array_upper" | "array_ndims" | "array_dims"
-        | "cardinality" | "array_append" | "array_prepend" | "array_cat" | "array_position"
-        | "array_positions" | "array_remove" | "array_replace" | "array_fill" | "trim_array" => {
+        "array_length" | "array_lower" | "array_upper" | "array_ndims" | "array_dims" | "cardinality"
+        | "array_append" | "array_prepend" | "array_cat" | "array_position" | "array_positions" | "array_remove"
+        | "array_replace" | "array_fill" | "trim_array" => Scalar,
+        // JSON accessors (the json/jsonb *builders* and to_json are stable).
+        "jsonb_array_length"
+        | "jsonb_extract_path"
+        | "jsonb_extract_path_text"
+        | "jsonb_typeof"
+        | "jsonb_strip_nulls"
+        | "jsonb_set"
+        | "jsonb_set_lax"
+        | "jsonb_insert"
+        | "jsonb_pretty"
+        | "jsonb_path_exists"
+        | "jsonb_path_match"
+        | "jsonb_path_query_array"
+        | "jsonb_path_query_first"
+        | "jsonb_object"
+        | "json_array_length"
+        | "json_extract_path"
+        | "json_extract_path_text"
+        | "json_typeof"
+        | "json_strip_nulls" => Scalar,
+        // Dates without a time zone, intervals, network addresses, bits, misc.
+        "make_date" | "make_time" | "make_timestamp" | "make_interval" | "justify_days" | "justify_hours"
+        | "justify_interval" | "isfinite" | "date_bin" | "num_nonnulls" | "num_nulls" | "host" | "masklen"
+        | "network" | "family" | "netmask" | "broadcast" | "abbrev" | "inet_same_family" | "bit_count" | "get_bit"
+        | "get_byte" | "set_bit" | "set_byte" | "bool" | "int2" | "int4" | "int8" | "float4" | "float8" | "text" => {
             Scalar
         }
-        // JSON accessors (the json/jsonb *builders* and to_json are stable).
-        "jsonb_array_length" | "jsonb_extract_path" | "jsonb_extract_path_text"
-        | "jsonb_typeof" | "jsonb_strip_nulls" | "jsonb_set" | "jsonb_set_lax" | "jsonb_insert"
-        | "jsonb_pretty" | "jsonb_path_exists" | "jsonb_path_match" | "jsonb_path_query_array"
-        | "jsonb_path_query_first" | "jsonb_object" | "json_array_length" | "json_extract_path"
-        | "json_extract_path_text" | "json_typeof" | "json_strip_nulls" => Scalar,
-        // Dates without a time zone, intervals, network addresses, bits, misc.
-        "make_date" | "make_time" | "make_timestamp" | "make_interval" | "justify_days"
-        | "justify_hours" | "justify_interval" | "isfinite" | "date_bin" | "num_nonnulls"
-        | "num_nulls" | "host" | "masklen" | "network" | "family" | "netmask" | "broadcast"
-        | "abbrev" | "inet_same_family" | "bit_count" | "get_bit" | "get_byte" | "set_bit"
-        | "set_byte" | "bool" | "int2" | "int4" | "int8" | "float4" | "float8" | "text" => Scalar,
         // Aggregates whose every overload is immutable (json_agg/jsonb_agg are stable).
-        "count" | "sum" | "avg" | "min" | "max" | "bool_and" | "bool_or" | "every"
-        | "array_agg" | "string_agg" | "bit_and" | "bit_or" | "bit_xor" | "stddev"
-        | "stddev_pop" | "stddev_samp" | "variance" | "var_pop" | "var_samp" | "corr"
-        | "covar_pop" | "covar_samp" | "regr_slope" | "regr_intercept" | "regr_count"
-        | "percentile_cont" | "percentile_disc" | "mode" | "jsonb_object_agg" | "range_agg"
-        | "xmlagg" => Aggregate,
+        "count" | "sum" | "avg" | "min" | "max" | "bool_and" | "bool_or" | "every" | "array_agg" | "string_agg"
+        | "bit_and" | "bit_or" | "bit_xor" | "stddev" | "stddev_pop" | "stddev_samp" | "variance" | "var_pop"
+        | "var_samp" | "corr" | "covar_pop" | "covar_samp" | "regr_slope" | "regr_intercept" | "regr_count"
+        | "percentile_cont" | "percentile_disc" | "mode" | "jsonb_object_agg" | "range_agg" | "xmlagg" => Aggregate,
         // rank & co. are also aggregates (hypothetical-set); calling them needs OVER or
         // WITHIN GROUP, either of which the batcher refuses anyway.
-        "row_number" | "rank" | "dense_rank" | "percent_rank" | "cume_dist" | "ntile" | "lag"
-        | "lead" | "first_value" | "last_value" | "nth_value" => Window,
+        "row_number" | "rank" | "dense_rank" | "percent_rank" | "cume_dist" | "ntile" | "lag" | "lead"
+        | "first_value" | "last_value" | "nth_value" => Window,
         // Set-returning (generate_series is left out: its timestamptz overload is stable).
-        "unnest" | "generate_subscripts" | "regexp_matches" | "regexp_split_to_table"
-        | "string_to_table" | "jsonb_array_elements" | "jsonb_array_elements_text"
-        | "jsonb_each" | "jsonb_each_text" | "jsonb_object_keys" | "jsonb_path_query"
-        | "json_array_elements" | "json_array_elements_text" | "json_each" | "json_each_text"
+        "unnest"
+        | "generate_subscripts"
+        | "regexp_matches"
+        | "regexp_split_to_table"
+        | "string_to_table"
+        | "jsonb_array_elements"
+        | "jsonb_array_elements_text"
+        | "jsonb_each"
+        | "jsonb_each_text"
+        | "jsonb_object_keys"
+        | "jsonb_path_query"
+        | "json_array_elements"
+        | "json_array_elements_text"
+        | "json_each"
+        | "json_each_text"
         | "json_object_keys" => SetReturning,
         _ => return None,
     };

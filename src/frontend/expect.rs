@@ -1,0 +1,249 @@
+//! What the client is owed, in order: one entry per message forwarded to the server, plus responses pgsurge
+//! makes itself (a ParseComplete for a statement the server already has) and replies it must swallow (its own
+//! re-Parse, its SET on checkout). Server frames are matched against the front of this queue.
+
+use std::collections::VecDeque;
+
+use bytes::Bytes;
+
+use crate::protocol::codes::*;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Expect {
+    /// `stmt`: the registry id a named Parse prepares on this server, forgotten again if it fails.
+    Parse {
+        swallow: bool,
+        stmt: Option<u64>,
+    },
+    Bind,
+    DescribeStatement,
+    DescribePortal,
+    Execute,
+    Close {
+        swallow: bool,
+    },
+    Sync,
+    /// A simple Query or FunctionCall: everything up to its ReadyForQuery.
+    Query {
+        swallow: bool,
+    },
+    /// Bytes pgsurge answers itself once everything before them has been answered.
+    Synthetic(Bytes),
+    /// Where the client ended a COPY IN (CopyDone/CopyFail): no reply, only a boundary for the rule below.
+    CopyEnd,
+}
+
+/// What to do with one server frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Forward,
+    Swallow,
+}
+
+#[derive(Debug, Default)]
+pub struct Expectations {
+    q: VecDeque<Expect>,
+    /// The server is in COPY IN: it ignores Sync (and Flush) until the client's CopyDone/CopyFail.
+    copy_in: bool,
+}
+
+impl Expectations {
+    pub fn push(&mut self, e: Expect) {
+        self.q.push_back(e);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.q.is_empty()
+    }
+
+    pub fn clear(&mut self) {
+        self.q.clear();
+        self.copy_in = false;
+    }
+
+    /// A client Sync: owed a ReadyForQuery unless the server is in COPY IN, where it ignores Sync.
+    pub fn client_sync(&mut self) {
+        if !self.copy_in {
+            self.q.push_back(Expect::Sync);
+        }
+    }
+
+    /// The client's CopyDone or CopyFail.
+    pub fn client_copy_end(&mut self) {
+        self.copy_in = false;
+        self.q.push_back(Expect::CopyEnd);
+    }
+
+    /// Synthetic responses now at the front: they are due immediately.
+    pub fn take_due(&mut self, out: &mut Vec<Bytes>) {
+        loop {
+            match self.q.front() {
+                Some(Expect::Synthetic(_)) => {
+                    if let Some(Expect::Synthetic(b)) = self.q.pop_front() {
+                        out.push(b);
+                    }
+                }
+                Some(Expect::CopyEnd) => {
+                    self.q.pop_front();
+                }
+                _ => return,
+            }
+        }
+    }
+
+    /// Accounts for one server frame and says whether the client should see it. Statements whose Parse failed
+    /// or was skipped are added to `unprepared`: the server does not have them after all.
+    pub fn on_server_frame(&mut self, tag: u8, unprepared: &mut Vec<u64>) -> Action {
+        let front = match self.q.front() {
+            Some(f) => f.clone(),
+            None => return Action::Forward, // asynchronous messages (notices, notifications, a FATAL)
+        };
+        if let Expect::Query { swallow } = front {
+            if tag == COPY_IN_RESPONSE {
+                self.copy_in = true;
+            } else if tag == ERROR_RESPONSE {
+                self.copy_in = false;
+            }
+            if tag == READY_FOR_QUERY {
+                self.q.pop_front();
+            }
+            return if swallow { Action::Swallow } else { Action::Forward };
+        }
+        match tag {
+            NOTICE_RESPONSE | PARAMETER_STATUS | NOTIFICATION => Action::Forward,
+            COPY_IN_RESPONSE => {
+                // Syncs the client pipelined before its copy data are ignored by the server: nothing is owed.
+                self.copy_in = true;
+                let end = self.q.iter().position(|e| *e == Expect::CopyEnd).unwrap_or(self.q.len());
+                let mut i = 1;
+                let mut end = end;
+                while i < end {
+                    if self.q[i] == Expect::Sync {
+                        self.q.remove(i);
+                        end -= 1;
+                    } else {
+                        i += 1;
+                    }
+                }
+                Action::Forward
+            }
+            ERROR_RESPONSE => {
+                self.copy_in = false;
+                // The server now skips everything up to Sync, and so do the replies the client is owed.
+                while let Some(f) = self.q.front() {
+                    if matches!(f, Expect::Sync | Expect::Query { .. }) {
+                        break;
+                    }
+                    if let Some(Expect::Parse { stmt: Some(id), .. }) = self.q.pop_front() {
+                        unprepared.push(id);
+                    }
+                }
+                Action::Forward
+            }
+            READY_FOR_QUERY => {
+                if matches!(front, Expect::Sync) {
+                    self.q.pop_front();
+                }
+                Action::Forward
+            }
+            PARSE_COMPLETE => self.complete(matches!(front, Expect::Parse { .. }), matches!(front, Expect::Parse { swallow: true, .. })),
+            BIND_COMPLETE => self.complete(front == Expect::Bind, false),
+            CLOSE_COMPLETE => self.complete(matches!(front, Expect::Close { .. }), matches!(front, Expect::Close { swallow: true })),
+            ROW_DESCRIPTION | NO_DATA => self.complete(matches!(front, Expect::DescribeStatement | Expect::DescribePortal), false),
+            COMMAND_COMPLETE | EMPTY_QUERY | PORTAL_SUSPENDED => self.complete(front == Expect::Execute, false),
+            _ => Action::Forward, // DataRow, ParameterDescription, COPY traffic: part of the front's answer
+        }
+    }
+
+    fn complete(&mut self, matches: bool, swallow: bool) -> Action {
+        if matches {
+            self.q.pop_front();
+        }
+        if swallow {
+            Action::Swallow
+        } else {
+            Action::Forward
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn feed(e: &mut Expectations, tags: &[u8]) -> Vec<Action> {
+        tags.iter().map(|&t| e.on_server_frame(t, &mut vec![])).collect()
+    }
+
+    #[test]
+    fn a_reparse_is_swallowed_and_the_rest_forwarded() {
+        let mut e = Expectations::default();
+        for x in [Expect::Parse { swallow: true, stmt: Some(1) }, Expect::Bind, Expect::Execute, Expect::Sync] {
+            e.push(x);
+        }
+        use Action::*;
+        assert_eq!(feed(&mut e, b"12DDCZ"), vec![Swallow, Forward, Forward, Forward, Forward, Forward]);
+        assert!(e.is_empty());
+    }
+
+    #[test]
+    fn a_synthetic_reply_waits_for_everything_before_it() {
+        let mut e = Expectations::default();
+        e.push(Expect::Bind);
+        e.push(Expect::Synthetic(Bytes::from_static(b"3\0\0\0\x04")));
+        e.push(Expect::Sync);
+        let mut due = vec![];
+        e.take_due(&mut due);
+        assert!(due.is_empty());
+        e.on_server_frame(BIND_COMPLETE, &mut vec![]);
+        e.take_due(&mut due);
+        assert_eq!(due.len(), 1);
+    }
+
+    #[test]
+    fn an_error_skips_to_sync_dropping_what_postgres_would_not_answer() {
+        let mut e = Expectations::default();
+        for x in
+            [Expect::Bind, Expect::Synthetic(Bytes::new()), Expect::Parse { swallow: false, stmt: Some(7) }, Expect::Execute, Expect::Sync]
+        {
+            e.push(x);
+        }
+        let mut unprepared = vec![];
+        e.on_server_frame(ERROR_RESPONSE, &mut unprepared);
+        assert_eq!(unprepared, vec![7], "a Parse the server skipped did not prepare anything");
+        let mut due = vec![];
+        e.take_due(&mut due);
+        assert!(due.is_empty(), "the CloseComplete after a failed Bind is never sent");
+        e.on_server_frame(READY_FOR_QUERY, &mut vec![]);
+        assert!(e.is_empty());
+    }
+
+    #[test]
+    fn syncs_sent_before_copy_data_are_owed_nothing() {
+        // tokio-postgres: Bind, Execute, Sync, then CopyData..., CopyDone, Sync.
+        let mut e = Expectations::default();
+        e.push(Expect::Bind);
+        e.push(Expect::Execute);
+        e.client_sync();
+        e.on_server_frame(BIND_COMPLETE, &mut vec![]);
+        e.on_server_frame(COPY_IN_RESPONSE, &mut vec![]);
+        e.client_sync(); // ignored by the server while it copies
+        e.client_copy_end();
+        e.client_sync();
+        e.on_server_frame(COMMAND_COMPLETE, &mut vec![]);
+        e.take_due(&mut vec![]);
+        e.on_server_frame(READY_FOR_QUERY, &mut vec![]);
+        assert!(e.is_empty());
+    }
+
+    #[test]
+    fn a_swallowed_query_hides_everything_up_to_its_ready_for_query() {
+        let mut e = Expectations::default();
+        e.push(Expect::Query { swallow: true });
+        e.push(Expect::Query { swallow: false });
+        use Action::*;
+        assert_eq!(feed(&mut e, b"SCCZ"), vec![Swallow, Swallow, Swallow, Swallow]);
+        assert_eq!(feed(&mut e, b"TDCZ"), vec![Forward; 4]);
+        assert!(e.is_empty());
+    }
+}

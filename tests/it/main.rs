@@ -1,0 +1,8 @@
+//! Integration tests against a real Postgres, one module per feature; see harness.rs for what they share.
+
+mod harness;
+
+mod auth;
+mod pooling;
+mod resilience;
+mod wire;
