@@ -12,6 +12,7 @@ pub mod config;
 pub mod error;
 pub mod frontend;
 pub mod protocol;
+pub mod sql;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
