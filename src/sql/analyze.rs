@@ -19,8 +19,7 @@ pub fn analyze(sql: &str) -> Analysis {
         Ok(parsed) => parsed,
         Err(_) => return unusable(StatementClass::ParseError, reason::PARSE_ERROR, hints),
     };
-    let nodes: Vec<&NodeEnum> =
-        parsed.protobuf.stmts.iter().filter_map(|raw| raw.stmt.as_ref()?.node.as_ref()).collect();
+    let nodes: Vec<&NodeEnum> = parsed.protobuf.stmts.iter().filter_map(|raw| raw.stmt.as_ref()?.node.as_ref()).collect();
     if nodes.is_empty() {
         return unusable(StatementClass::Empty, reason::EMPTY, hints);
     }
@@ -73,12 +72,8 @@ pub fn analyze(sql: &str) -> Analysis {
 
     // Anything pg_query did not call a pure write target is a read (including relations its
     // partial walker never saw: those sit inside expressions).
-    let tables_read: BTreeSet<String> = all
-        .relations
-        .iter()
-        .filter(|r| pg_selected.contains(*r) || copied_out.contains(*r) || !written.contains(*r))
-        .cloned()
-        .collect();
+    let tables_read: BTreeSet<String> =
+        all.relations.iter().filter(|r| pg_selected.contains(*r) || copied_out.contains(*r) || !written.contains(*r)).cloned().collect();
     let reads_catalog = tables_read.iter().any(|t| is_catalog(t));
     let reads_temp = tables_read.iter().any(|t| schema_of(t).is_some_and(|s| s.starts_with("pg_temp")));
 

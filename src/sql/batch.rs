@@ -209,10 +209,7 @@ fn targets_are_row_local(targets: &[Node]) -> bool {
         && facts.bare_stars == top_level_stars
         && !facts.sql_value_function
         && !facts.time_literal
-        && facts
-            .functions
-            .iter()
-            .all(|(name, nargs)| volatility(name, *nargs) == Volatility::Immutable(FuncKind::Scalar))
+        && facts.functions.iter().all(|(name, nargs)| volatility(name, *nargs) == Volatility::Immutable(FuncKind::Scalar))
 }
 
 /// The name that qualifies the table's columns: its alias, else the table name as written.

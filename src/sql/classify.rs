@@ -20,9 +20,7 @@ pub(super) fn classify(node: &NodeEnum, facts: &Facts) -> StatementClass {
                 C::Select
             }
         }
-        NodeEnum::InsertStmt(_) | NodeEnum::UpdateStmt(_) | NodeEnum::DeleteStmt(_) | NodeEnum::MergeStmt(_) => {
-            C::Write
-        }
+        NodeEnum::InsertStmt(_) | NodeEnum::UpdateStmt(_) | NodeEnum::DeleteStmt(_) | NodeEnum::MergeStmt(_) => C::Write,
         NodeEnum::CopyStmt(c) if c.is_from => C::Write,
         NodeEnum::CopyStmt(_) => C::CopyTo,
         NodeEnum::TransactionStmt(t) => C::Transaction(tx_kind(t.kind)),

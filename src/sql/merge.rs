@@ -20,12 +20,7 @@ const TEMPLATE: &str = "SELECT pgsurge_k.pgsurge_ord FROM pgsurge_t \
 const TYPE_PLACEHOLDER: &str = "pgsurge_type";
 
 /// Merges and deparses, returning the text before and after the array element type name.
-pub(super) fn merged_parts(
-    s: &protobuf::SelectStmt,
-    from: &Node,
-    qualifier: &[String],
-    key: &str,
-) -> Option<(String, String)> {
+pub(super) fn merged_parts(s: &protobuf::SelectStmt, from: &Node, qualifier: &[String], key: &str) -> Option<(String, String)> {
     let merged = deparse_select(merge_tree(s, from, qualifier, key)?)?;
     let (prefix, suffix) = merged.split_once(TYPE_PLACEHOLDER)?;
     // The placeholder must be the only occurrence, or the splice would be ambiguous.

@@ -94,9 +94,7 @@ fn ddl_names_what_it_changes() {
     assert_eq!(analyze("CREATE INDEX ON t (a)").tables_written, v(&["t"]));
     assert_eq!(analyze("ALTER TABLE t RENAME TO u").tables_written, v(&["t"]));
     assert_eq!(analyze("REFRESH MATERIALIZED VIEW mv").tables_written, v(&["mv"]));
-    for sql in
-        ["COMMENT ON TABLE t IS 'x'", "CREATE SEQUENCE s", "CREATE FUNCTION f() RETURNS int AS 'select 1' LANGUAGE sql"]
-    {
+    for sql in ["COMMENT ON TABLE t IS 'x'", "CREATE SEQUENCE s", "CREATE FUNCTION f() RETURNS int AS 'select 1' LANGUAGE sql"] {
         assert_eq!(class(sql), StatementClass::Ddl, "{sql}");
     }
 }
@@ -115,8 +113,7 @@ fn privileges_and_roles() {
     ] {
         assert_eq!(class(sql), StatementClass::Privilege, "{sql}");
     }
-    for sql in ["SET ROLE admin", "SET LOCAL ROLE admin", "RESET ROLE", "SET SESSION AUTHORIZATION bob", "DISCARD ALL"]
-    {
+    for sql in ["SET ROLE admin", "SET LOCAL ROLE admin", "RESET ROLE", "SET SESSION AUTHORIZATION bob", "DISCARD ALL"] {
         assert_eq!(class(sql), StatementClass::RoleChange, "{sql}");
     }
     assert_eq!(class("SET search_path = a, b"), StatementClass::Set);

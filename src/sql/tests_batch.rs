@@ -61,8 +61,7 @@ fn star_expands_to_the_table_only() {
 fn target_expressions_and_aliases_are_kept_verbatim() {
     let sql = r#"SELECT lower(name), name || '!', id AS "Key", length(name) AS n FROM "Users" WHERE id = $1"#;
     let merged = shape(sql).merged_sql("int8");
-    let expected =
-        r#"SELECT lower(name), name || '!', id AS "Key", length(name) AS n, pgsurge_k.pgsurge_ord FROM "Users" "#;
+    let expected = r#"SELECT lower(name), name || '!', id AS "Key", length(name) AS n, pgsurge_k.pgsurge_ord FROM "Users" "#;
     assert!(merged.starts_with(expected), "{merged}");
     assert!(merged.contains(r#"ON "Users".id = pgsurge_k.pgsurge_key"#), "{merged}");
     assert_parses(&merged);

@@ -62,11 +62,10 @@ fn immutable_kind(name: &str, nargs: usize) -> Option<FuncKind> {
     use FuncKind::*;
     let kind = match name {
         // Mathematics.
-        "abs" | "acos" | "acosd" | "acosh" | "asin" | "asind" | "asinh" | "atan" | "atan2" | "atan2d" | "atand"
-        | "atanh" | "cbrt" | "ceil" | "ceiling" | "cos" | "cosd" | "cosh" | "cot" | "cotd" | "degrees" | "div"
-        | "exp" | "factorial" | "floor" | "gcd" | "lcm" | "ln" | "log" | "log10" | "mod" | "pi" | "power"
-        | "radians" | "round" | "scale" | "sign" | "sin" | "sind" | "sinh" | "sqrt" | "tan" | "tand" | "tanh"
-        | "trunc" | "width_bucket" | "min_scale" | "trim_scale" => Scalar,
+        "abs" | "acos" | "acosd" | "acosh" | "asin" | "asind" | "asinh" | "atan" | "atan2" | "atan2d" | "atand" | "atanh" | "cbrt"
+        | "ceil" | "ceiling" | "cos" | "cosd" | "cosh" | "cot" | "cotd" | "degrees" | "div" | "exp" | "factorial" | "floor" | "gcd"
+        | "lcm" | "ln" | "log" | "log10" | "mod" | "pi" | "power" | "radians" | "round" | "scale" | "sign" | "sin" | "sind" | "sinh"
+        | "sqrt" | "tan" | "tand" | "tanh" | "trunc" | "width_bucket" | "min_scale" | "trim_scale" => Scalar,
         // Strings. Not concat/concat_ws/format/to_char/to_number/to_date/quote_literal:
         // those are STABLE (they call type output functions or read locale settings).
         "ascii"
@@ -120,9 +119,9 @@ fn immutable_kind(name: &str, nargs: usize) -> Option<FuncKind> {
         // length(bytea, encoding name) is stable; the one-argument forms are immutable.
         "length" if nargs == 1 => Scalar,
         // Arrays (array_to_string is stable: it calls element output functions).
-        "array_length" | "array_lower" | "array_upper" | "array_ndims" | "array_dims" | "cardinality"
-        | "array_append" | "array_prepend" | "array_cat" | "array_position" | "array_positions" | "array_remove"
-        | "array_replace" | "array_fill" | "trim_array" => Scalar,
+        "array_length" | "array_lower" | "array_upper" | "array_ndims" | "array_dims" | "cardinality" | "array_append"
+        | "array_prepend" | "array_cat" | "array_position" | "array_positions" | "array_remove" | "array_replace" | "array_fill"
+        | "trim_array" => Scalar,
         // JSON accessors (the json/jsonb *builders* and to_json are stable).
         "jsonb_array_length"
         | "jsonb_extract_path"
@@ -144,21 +143,19 @@ fn immutable_kind(name: &str, nargs: usize) -> Option<FuncKind> {
         | "json_typeof"
         | "json_strip_nulls" => Scalar,
         // Dates without a time zone, intervals, network addresses, bits, misc.
-        "make_date" | "make_time" | "make_timestamp" | "make_interval" | "justify_days" | "justify_hours"
-        | "justify_interval" | "isfinite" | "date_bin" | "num_nonnulls" | "num_nulls" | "host" | "masklen"
-        | "network" | "family" | "netmask" | "broadcast" | "abbrev" | "inet_same_family" | "bit_count" | "get_bit"
-        | "get_byte" | "set_bit" | "set_byte" | "bool" | "int2" | "int4" | "int8" | "float4" | "float8" | "text" => {
-            Scalar
-        }
+        "make_date" | "make_time" | "make_timestamp" | "make_interval" | "justify_days" | "justify_hours" | "justify_interval"
+        | "isfinite" | "date_bin" | "num_nonnulls" | "num_nulls" | "host" | "masklen" | "network" | "family" | "netmask" | "broadcast"
+        | "abbrev" | "inet_same_family" | "bit_count" | "get_bit" | "get_byte" | "set_bit" | "set_byte" | "bool" | "int2" | "int4"
+        | "int8" | "float4" | "float8" | "text" => Scalar,
         // Aggregates whose every overload is immutable (json_agg/jsonb_agg are stable).
-        "count" | "sum" | "avg" | "min" | "max" | "bool_and" | "bool_or" | "every" | "array_agg" | "string_agg"
-        | "bit_and" | "bit_or" | "bit_xor" | "stddev" | "stddev_pop" | "stddev_samp" | "variance" | "var_pop"
-        | "var_samp" | "corr" | "covar_pop" | "covar_samp" | "regr_slope" | "regr_intercept" | "regr_count"
-        | "percentile_cont" | "percentile_disc" | "mode" | "jsonb_object_agg" | "range_agg" | "xmlagg" => Aggregate,
+        "count" | "sum" | "avg" | "min" | "max" | "bool_and" | "bool_or" | "every" | "array_agg" | "string_agg" | "bit_and" | "bit_or"
+        | "bit_xor" | "stddev" | "stddev_pop" | "stddev_samp" | "variance" | "var_pop" | "var_samp" | "corr" | "covar_pop"
+        | "covar_samp" | "regr_slope" | "regr_intercept" | "regr_count" | "percentile_cont" | "percentile_disc" | "mode"
+        | "jsonb_object_agg" | "range_agg" | "xmlagg" => Aggregate,
         // rank & co. are also aggregates (hypothetical-set); calling them needs OVER or
         // WITHIN GROUP, either of which the batcher refuses anyway.
-        "row_number" | "rank" | "dense_rank" | "percent_rank" | "cume_dist" | "ntile" | "lag" | "lead"
-        | "first_value" | "last_value" | "nth_value" => Window,
+        "row_number" | "rank" | "dense_rank" | "percent_rank" | "cume_dist" | "ntile" | "lag" | "lead" | "first_value" | "last_value"
+        | "nth_value" => Window,
         // Set-returning (generate_series is left out: its timestamptz overload is stable).
         "unnest"
         | "generate_subscripts"
