@@ -45,6 +45,9 @@ pub struct PoolStats {
     pub bytes_to_client: AtomicU64,
     pub waiting: AtomicUsize,
     pub active: AtomicUsize,
+    /// Sessions holding their server connection because of LISTEN, temp tables, locks, ... (now / ever).
+    pub pinned: AtomicUsize,
+    pub pins_total: AtomicU64,
 }
 
 struct Backoff {

@@ -62,7 +62,7 @@ pub struct ServerConn {
     /// ParameterStatus values the server reported at login.
     pub reported: Vec<(String, String)>,
     /// Session settings pgsurge applied on behalf of clients (name -> value); empty means server defaults.
-    pub applied: BTreeMap<String, String>,
+    pub applied: crate::frontend::params::Settings,
     /// Statements prepared here under pgsurge's names (registry id -> server name), least recently used first out.
     pub prepared: lru::LruCache<u64, String>,
     pub created: Instant,

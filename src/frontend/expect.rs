@@ -7,6 +7,7 @@ use std::collections::VecDeque;
 use bytes::Bytes;
 
 use crate::protocol::codes::*;
+use crate::sql::session::Effect;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Expect {
@@ -18,14 +19,24 @@ pub enum Expect {
     Bind,
     DescribeStatement,
     DescribePortal,
-    Execute,
+    /// `effects`: session changes that take hold when the statement completes (a SET sent by Parse/Bind).
+    Execute {
+        effects: Vec<Effect>,
+    },
     Close {
         swallow: bool,
     },
     Sync,
-    /// A simple Query or FunctionCall: everything up to its ReadyForQuery.
+    /// A simple Query or FunctionCall: everything up to its ReadyForQuery; its `effects` count if no error came.
     Query {
         swallow: bool,
+        effects: Vec<Effect>,
+        failed: bool,
+    },
+    /// pgsurge's own statement re-applying one setting on checkout: swallowed; if it fails, `name` is unapplied.
+    Setting {
+        name: String,
+        failed: bool,
     },
     /// Bytes pgsurge answers itself once everything before them has been answered.
     Synthetic(Bytes),
@@ -38,6 +49,30 @@ pub enum Expect {
 pub enum Action {
     Forward,
     Swallow,
+}
+
+/// The shape of a queue entry, for matching without borrowing it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Parse(bool),
+    Bind,
+    Describe,
+    Execute,
+    Close(bool),
+    Sync,
+    Other,
+}
+
+fn kind(e: &Expect) -> Kind {
+    match e {
+        Expect::Parse { swallow, .. } => Kind::Parse(*swallow),
+        Expect::Bind => Kind::Bind,
+        Expect::DescribeStatement | Expect::DescribePortal => Kind::Describe,
+        Expect::Execute { .. } => Kind::Execute,
+        Expect::Close { swallow } => Kind::Close(*swallow),
+        Expect::Sync => Kind::Sync,
+        _ => Kind::Other,
+    }
 }
 
 #[derive(Debug, Default)]
@@ -92,31 +127,53 @@ impl Expectations {
     }
 
     /// Accounts for one server frame and says whether the client should see it. Statements whose Parse failed
-    /// or was skipped are added to `unprepared`: the server does not have them after all.
-    pub fn on_server_frame(&mut self, tag: u8, unprepared: &mut Vec<u64>) -> Action {
-        let front = match self.q.front() {
-            Some(f) => f.clone(),
-            None => return Action::Forward, // asynchronous messages (notices, notifications, a FATAL)
+    /// or was skipped are added to `unprepared` (the server does not have them after all); session effects of
+    /// statements that completed go to `done`; settings pgsurge failed to re-apply go to `unapplied`.
+    pub fn on_server_frame(&mut self, tag: u8, unprepared: &mut Vec<u64>, done: &mut Vec<Effect>) -> Action {
+        let Some(front) = self.q.front_mut() else {
+            return Action::Forward; // asynchronous messages (notices, notifications, a FATAL)
         };
-        if let Expect::Query { swallow } = front {
-            if tag == COPY_IN_RESPONSE {
-                self.copy_in = true;
-            } else if tag == ERROR_RESPONSE {
-                self.copy_in = false;
+        match front {
+            Expect::Query { swallow, failed, .. } => {
+                let swallow = *swallow;
+                match tag {
+                    COPY_IN_RESPONSE => self.copy_in = true,
+                    ERROR_RESPONSE => {
+                        self.copy_in = false;
+                        *failed = true;
+                    }
+                    READY_FOR_QUERY => {
+                        if let Some(Expect::Query { effects, failed: false, .. }) = self.q.pop_front() {
+                            done.extend(effects);
+                        }
+                    }
+                    _ => {}
+                }
+                return if swallow { Action::Swallow } else { Action::Forward };
             }
-            if tag == READY_FOR_QUERY {
-                self.q.pop_front();
+            Expect::Setting { failed, name } => {
+                match tag {
+                    ERROR_RESPONSE => *failed = true,
+                    READY_FOR_QUERY => {
+                        if *failed {
+                            done.push(Effect::Unapplied { name: std::mem::take(name) });
+                        }
+                        self.q.pop_front();
+                    }
+                    _ => {}
+                }
+                return Action::Swallow;
             }
-            return if swallow { Action::Swallow } else { Action::Forward };
+            _ => {}
         }
+        let front = kind(front);
         match tag {
             NOTICE_RESPONSE | PARAMETER_STATUS | NOTIFICATION => Action::Forward,
             COPY_IN_RESPONSE => {
                 // Syncs the client pipelined before its copy data are ignored by the server: nothing is owed.
                 self.copy_in = true;
-                let end = self.q.iter().position(|e| *e == Expect::CopyEnd).unwrap_or(self.q.len());
+                let mut end = self.q.iter().position(|e| *e == Expect::CopyEnd).unwrap_or(self.q.len());
                 let mut i = 1;
-                let mut end = end;
                 while i < end {
                     if self.q[i] == Expect::Sync {
                         self.q.remove(i);
@@ -131,7 +188,7 @@ impl Expectations {
                 self.copy_in = false;
                 // The server now skips everything up to Sync, and so do the replies the client is owed.
                 while let Some(f) = self.q.front() {
-                    if matches!(f, Expect::Sync | Expect::Query { .. }) {
+                    if matches!(f, Expect::Sync | Expect::Query { .. } | Expect::Setting { .. }) {
                         break;
                     }
                     if let Some(Expect::Parse { stmt: Some(id), .. }) = self.q.pop_front() {
@@ -141,16 +198,25 @@ impl Expectations {
                 Action::Forward
             }
             READY_FOR_QUERY => {
-                if matches!(front, Expect::Sync) {
+                if front == Kind::Sync {
                     self.q.pop_front();
                 }
                 Action::Forward
             }
-            PARSE_COMPLETE => self.complete(matches!(front, Expect::Parse { .. }), matches!(front, Expect::Parse { swallow: true, .. })),
-            BIND_COMPLETE => self.complete(front == Expect::Bind, false),
-            CLOSE_COMPLETE => self.complete(matches!(front, Expect::Close { .. }), matches!(front, Expect::Close { swallow: true })),
-            ROW_DESCRIPTION | NO_DATA => self.complete(matches!(front, Expect::DescribeStatement | Expect::DescribePortal), false),
-            COMMAND_COMPLETE | EMPTY_QUERY | PORTAL_SUSPENDED => self.complete(front == Expect::Execute, false),
+            PARSE_COMPLETE => self.complete(matches!(front, Kind::Parse(_)), front == Kind::Parse(true)),
+            BIND_COMPLETE => self.complete(front == Kind::Bind, false),
+            CLOSE_COMPLETE => self.complete(matches!(front, Kind::Close(_)), front == Kind::Close(true)),
+            ROW_DESCRIPTION | NO_DATA => self.complete(matches!(front, Kind::Describe), false),
+            COMMAND_COMPLETE | EMPTY_QUERY | PORTAL_SUSPENDED => {
+                if front == Kind::Execute {
+                    if let Some(Expect::Execute { effects }) = self.q.pop_front() {
+                        if tag == COMMAND_COMPLETE {
+                            done.extend(effects);
+                        }
+                    }
+                }
+                Action::Forward
+            }
             _ => Action::Forward, // DataRow, ParameterDescription, COPY traffic: part of the front's answer
         }
     }
@@ -172,13 +238,13 @@ mod tests {
     use super::*;
 
     fn feed(e: &mut Expectations, tags: &[u8]) -> Vec<Action> {
-        tags.iter().map(|&t| e.on_server_frame(t, &mut vec![])).collect()
+        tags.iter().map(|&t| e.on_server_frame(t, &mut vec![], &mut vec![])).collect()
     }
 
     #[test]
     fn a_reparse_is_swallowed_and_the_rest_forwarded() {
         let mut e = Expectations::default();
-        for x in [Expect::Parse { swallow: true, stmt: Some(1) }, Expect::Bind, Expect::Execute, Expect::Sync] {
+        for x in [Expect::Parse { swallow: true, stmt: Some(1) }, Expect::Bind, Expect::Execute { effects: vec![] }, Expect::Sync] {
             e.push(x);
         }
         use Action::*;
@@ -195,7 +261,7 @@ mod tests {
         let mut due = vec![];
         e.take_due(&mut due);
         assert!(due.is_empty());
-        e.on_server_frame(BIND_COMPLETE, &mut vec![]);
+        e.on_server_frame(BIND_COMPLETE, &mut vec![], &mut vec![]);
         e.take_due(&mut due);
         assert_eq!(due.len(), 1);
     }
@@ -203,18 +269,22 @@ mod tests {
     #[test]
     fn an_error_skips_to_sync_dropping_what_postgres_would_not_answer() {
         let mut e = Expectations::default();
-        for x in
-            [Expect::Bind, Expect::Synthetic(Bytes::new()), Expect::Parse { swallow: false, stmt: Some(7) }, Expect::Execute, Expect::Sync]
-        {
+        for x in [
+            Expect::Bind,
+            Expect::Synthetic(Bytes::new()),
+            Expect::Parse { swallow: false, stmt: Some(7) },
+            Expect::Execute { effects: vec![] },
+            Expect::Sync,
+        ] {
             e.push(x);
         }
         let mut unprepared = vec![];
-        e.on_server_frame(ERROR_RESPONSE, &mut unprepared);
+        e.on_server_frame(ERROR_RESPONSE, &mut unprepared, &mut vec![]);
         assert_eq!(unprepared, vec![7], "a Parse the server skipped did not prepare anything");
         let mut due = vec![];
         e.take_due(&mut due);
         assert!(due.is_empty(), "the CloseComplete after a failed Bind is never sent");
-        e.on_server_frame(READY_FOR_QUERY, &mut vec![]);
+        e.on_server_frame(READY_FOR_QUERY, &mut vec![], &mut vec![]);
         assert!(e.is_empty());
     }
 
@@ -223,26 +293,55 @@ mod tests {
         // tokio-postgres: Bind, Execute, Sync, then CopyData..., CopyDone, Sync.
         let mut e = Expectations::default();
         e.push(Expect::Bind);
-        e.push(Expect::Execute);
+        e.push(Expect::Execute { effects: vec![] });
         e.client_sync();
-        e.on_server_frame(BIND_COMPLETE, &mut vec![]);
-        e.on_server_frame(COPY_IN_RESPONSE, &mut vec![]);
+        e.on_server_frame(BIND_COMPLETE, &mut vec![], &mut vec![]);
+        e.on_server_frame(COPY_IN_RESPONSE, &mut vec![], &mut vec![]);
         e.client_sync(); // ignored by the server while it copies
         e.client_copy_end();
         e.client_sync();
-        e.on_server_frame(COMMAND_COMPLETE, &mut vec![]);
+        e.on_server_frame(COMMAND_COMPLETE, &mut vec![], &mut vec![]);
         e.take_due(&mut vec![]);
-        e.on_server_frame(READY_FOR_QUERY, &mut vec![]);
+        e.on_server_frame(READY_FOR_QUERY, &mut vec![], &mut vec![]);
         assert!(e.is_empty());
+    }
+
+    #[test]
+    fn a_query_s_effects_count_only_if_it_did_not_fail() {
+        let set = Effect::Set { name: "search_path".into(), sql: "SET search_path = a".into() };
+        let mut e = Expectations::default();
+        e.push(Expect::Query { swallow: false, effects: vec![set.clone()], failed: false });
+        e.push(Expect::Query { swallow: false, effects: vec![set.clone()], failed: false });
+        let mut done = vec![];
+        for t in b"CZ" {
+            e.on_server_frame(*t, &mut vec![], &mut done);
+        }
+        assert_eq!(done, vec![set]);
+        done.clear();
+        for t in b"EZ" {
+            e.on_server_frame(*t, &mut vec![], &mut done);
+        }
+        assert!(done.is_empty());
+    }
+
+    #[test]
+    fn a_setting_that_fails_to_reapply_is_reported() {
+        let mut e = Expectations::default();
+        e.push(Expect::Setting { name: "search_path".into(), failed: false });
+        let mut done = vec![];
+        for t in b"EZ" {
+            assert_eq!(e.on_server_frame(*t, &mut vec![], &mut done), Action::Swallow);
+        }
+        assert_eq!(done, vec![Effect::Unapplied { name: "search_path".into() }]);
     }
 
     #[test]
     fn a_swallowed_query_hides_everything_up_to_its_ready_for_query() {
         let mut e = Expectations::default();
-        e.push(Expect::Query { swallow: true });
-        e.push(Expect::Query { swallow: false });
+        e.push(Expect::Setting { name: "timezone".into(), failed: false });
+        e.push(Expect::Query { swallow: false, effects: vec![], failed: false });
         use Action::*;
-        assert_eq!(feed(&mut e, b"SCCZ"), vec![Swallow, Swallow, Swallow, Swallow]);
+        assert_eq!(feed(&mut e, b"SCZ"), vec![Swallow, Swallow, Swallow]);
         assert_eq!(feed(&mut e, b"TDCZ"), vec![Forward; 4]);
         assert!(e.is_empty());
     }

@@ -148,7 +148,8 @@ impl Handshake<'_> {
                     }
                 };
                 for (k, v) in &reported {
-                    let v = client_settings.get(k).unwrap_or(v);
+                    // What the client asked for at startup is what its session will have (re-applied on checkout).
+                    let v = params.iter().rev().find(|(n, _)| n.eq_ignore_ascii_case(k)).map(|(_, v)| v).unwrap_or(v);
                     encode::put_parameter_status(&mut out, k, v);
                 }
                 Target::Pool(pool, db)

@@ -1,7 +1,11 @@
-//! Session settings a client wants (from its startup packet and the ParameterStatus it has seen), and the
-//! SET/RESET that brings a server connection in line with them on checkout.
+//! Session settings a client expects on whatever server connection it lands on, and the statements that bring
+//! a server in line on checkout. Each setting is kept as the SQL that establishes it: `set_config(...)` for
+//! startup parameters and reported values, the client's own `SET` text for what it set itself.
 
 use std::collections::BTreeMap;
+
+/// Lowercase setting name -> the SQL that establishes it.
+pub type Settings = BTreeMap<String, String>;
 
 /// Startup keys that are not session settings.
 const NOT_SETTINGS: &[&str] = &["user", "database", "options", "replication"];
@@ -17,17 +21,22 @@ const SERVER_FACTS: &[&str] = &[
     "session_authorization",
 ];
 
+/// `set_config` takes the value as text, parsed exactly as a startup parameter would be (lists included).
+pub fn set_config_sql(name: &str, value: &str) -> String {
+    format!("SELECT pg_catalog.set_config('{}', '{}', false)", name.replace('\'', "''"), value.replace('\'', "''"))
+}
+
 /// Settings from the startup packet, including `options=-c name=value` / `--name=value`.
-pub fn from_startup(params: &[(String, String)]) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
+pub fn from_startup(params: &[(String, String)]) -> Settings {
+    let mut raw = BTreeMap::new();
     for (k, v) in params {
         if k == "options" {
-            parse_options(v, &mut out);
+            parse_options(v, &mut raw);
         } else if !NOT_SETTINGS.contains(&k.as_str()) && !k.starts_with("_pq_.") {
-            out.insert(k.clone(), v.clone());
+            raw.insert(k.to_ascii_lowercase(), v.clone());
         }
     }
-    out
+    raw.into_iter().filter(|(k, _)| valid_name(k)).map(|(k, v)| (k.clone(), set_config_sql(&k, &v))).collect()
 }
 
 fn parse_options(opts: &str, out: &mut BTreeMap<String, String>) {
@@ -59,47 +68,35 @@ fn parse_options(opts: &str, out: &mut BTreeMap<String, String>) {
             w.strip_prefix("-c").map(str::to_string)
         };
         if let Some((k, v)) = kv.as_deref().and_then(|kv| kv.split_once('=')) {
-            out.insert(k.replace('-', "_"), v.to_string());
+            out.insert(k.replace('-', "_").to_ascii_lowercase(), v.to_string());
         }
     }
 }
 
 /// Whether a reported parameter is one a client session can change and pgsurge must keep in sync.
 pub fn is_session_setting(name: &str) -> bool {
-    !SERVER_FACTS.contains(&name)
+    !SERVER_FACTS.iter().any(|f| f.eq_ignore_ascii_case(name))
 }
 
 fn valid_name(n: &str) -> bool {
     !n.is_empty() && n.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'.')
 }
 
-/// The SQL that turns a server's `applied` settings into the client's `wanted` ones, or None if they agree.
-pub fn sync_sql(wanted: &BTreeMap<String, String>, applied: &BTreeMap<String, String>) -> Option<String> {
-    // set_config takes the value as text, parsed exactly as a startup parameter would be (lists included).
-    let sets: Vec<String> = wanted
-        .iter()
-        .filter(|(k, v)| applied.get(*k) != Some(*v) && valid_name(k))
-        .map(|(k, v)| format!("pg_catalog.set_config('{k}', '{}', false)", v.replace('\'', "''")))
-        .collect();
-    let mut sql = String::new();
-    if !sets.is_empty() {
-        sql = format!("SELECT {};", sets.join(", "));
-    }
+/// The statements (setting name, SQL) that turn a server's `applied` settings into the client's `wanted` ones.
+pub fn sync_statements(wanted: &Settings, applied: &Settings) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> =
+        wanted.iter().filter(|(k, v)| applied.get(*k) != Some(*v)).map(|(k, v)| (k.clone(), v.clone())).collect();
     for k in applied.keys() {
         if !wanted.contains_key(k) && valid_name(k) {
-            sql.push_str(&format!("RESET {k};"));
+            out.push((k.clone(), format!("RESET {k}")));
         }
     }
-    (!sql.is_empty()).then_some(sql)
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn map(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
-        kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
-    }
 
     #[test]
     fn startup_options_become_settings() {
@@ -109,17 +106,24 @@ mod tests {
             ("options".into(), "-c search_path=a,b --statement-timeout=5s -csearch_path=x\\ y".into()),
         ];
         let s = from_startup(&p);
-        assert_eq!(s, map(&[("application_name", "psql"), ("search_path", "x y"), ("statement_timeout", "5s")]));
+        assert_eq!(s.keys().collect::<Vec<_>>(), ["application_name", "search_path", "statement_timeout"]);
+        assert_eq!(s["search_path"], "SELECT pg_catalog.set_config('search_path', 'x y', false)");
     }
 
     #[test]
     fn sync_sets_what_differs_and_resets_what_the_client_never_set() {
-        let wanted = map(&[("TimeZone", "UTC"), ("application_name", "it's")]);
-        let applied = map(&[("TimeZone", "UTC"), ("DateStyle", "German")]);
+        let wanted: Settings =
+            [("timezone".into(), "SET TimeZone = 'UTC'".into()), ("application_name".into(), set_config_sql("application_name", "it's"))]
+                .into();
+        let applied: Settings =
+            [("timezone".into(), "SET TimeZone = 'UTC'".into()), ("datestyle".into(), "SET DateStyle = German".into())].into();
         assert_eq!(
-            sync_sql(&wanted, &applied).unwrap(),
-            "SELECT pg_catalog.set_config('application_name', 'it''s', false);RESET DateStyle;"
+            sync_statements(&wanted, &applied),
+            vec![
+                ("application_name".into(), "SELECT pg_catalog.set_config('application_name', 'it''s', false)".into()),
+                ("datestyle".into(), "RESET datestyle".into())
+            ]
         );
-        assert_eq!(sync_sql(&wanted, &wanted), None);
+        assert!(sync_statements(&wanted, &wanted).is_empty());
     }
 }

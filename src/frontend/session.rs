@@ -4,7 +4,7 @@
 //! Bytes are forwarded as they were read, every complete frame in one write; only frame headers are inspected,
 //! plus the few bodies that change pgsurge's state (ReadyForQuery, ParameterStatus, ErrorResponse).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,12 +20,13 @@ use crate::cancel::CancelSlot;
 use crate::config::PoolMode;
 use crate::error::{Error, Result, Severity};
 use crate::frontend::expect::{Action, Expect, Expectations};
-use crate::frontend::params;
+use crate::frontend::params::{self, Settings};
 use crate::frontend::statements::{self as st, Statement};
 use crate::protocol::codes::*;
 use crate::protocol::encode;
 use crate::protocol::frame::complete_len;
 use crate::protocol::view::{self, ErrorView};
+use crate::sql::session::{self as effects, Effect, Pin};
 
 #[derive(Debug, PartialEq, Eq)]
 enum Flow {
@@ -46,8 +47,19 @@ pub struct Session {
     pub pool: Arc<Pool>,
     pub mode: PoolMode,
     pub server: Option<Checkout>,
-    /// Settings this client expects on whatever server it lands on.
-    pub wanted: BTreeMap<String, String>,
+    /// Settings this client expects on whatever server it lands on, and those it started with (RESET target).
+    pub wanted: Settings,
+    startup: Settings,
+    /// Why this client must keep its server connection (LISTEN, temp tables, ...); empty: it need not.
+    pins: HashSet<Pin>,
+    /// Session effects of the statement last bound (applied when its Execute completes).
+    portal_effects: Vec<Effect>,
+    /// Session effects of the unnamed statement last parsed.
+    unnamed_effects: Vec<Effect>,
+    /// SETs done inside the open transaction: they hold only if it commits.
+    staged: Vec<Effect>,
+    /// A `COMMIT` command tag was seen since the last ReadyForQuery.
+    commit_seen: bool,
     /// Replies the client is still owed, in order (see expect.rs).
     expect: Expectations,
     /// Extended-protocol messages forwarded since the last Sync: the server must stay ours.
@@ -70,7 +82,7 @@ impl Session {
         rbuf: BytesMut,
         pool: Arc<Pool>,
         mode: PoolMode,
-        wanted: BTreeMap<String, String>,
+        wanted: Settings,
         cancel: Arc<CancelSlot>,
     ) -> Session {
         let cfg = app.config.load();
@@ -83,7 +95,13 @@ impl Session {
             pool,
             mode,
             server: None,
+            startup: wanted.clone(),
             wanted,
+            pins: HashSet::new(),
+            portal_effects: vec![],
+            unnamed_effects: vec![],
+            staged: vec![],
+            commit_seen: false,
             expect: Expectations::default(),
             unsynced: false,
             skipping: false,
@@ -206,7 +224,9 @@ impl Session {
                         }
                     }
                     if replace.is_none() {
-                        self.expect.push(Expect::Query { swallow: false });
+                        let fx = view::query_text(body).map(|t| effects::effects(&String::from_utf8_lossy(t))).unwrap_or_default();
+                        note_pins(&mut self.pins, &fx, &self.pool);
+                        self.expect.push(Expect::Query { swallow: false, effects: fx, failed: false });
                     }
                 }
                 SYNC => {
@@ -229,7 +249,11 @@ impl Session {
                             }
                             replace = Some(b);
                         }
-                        _ => self.expect.push(Expect::Parse { swallow: false, stmt: None }),
+                        Some((_, query, _)) => {
+                            self.unnamed_effects = effects::effects(&String::from_utf8_lossy(query));
+                            self.expect.push(Expect::Parse { swallow: false, stmt: None });
+                        }
+                        None => self.expect.push(Expect::Parse { swallow: false, stmt: None }),
                     }
                 }
                 BIND => {
@@ -240,6 +264,9 @@ impl Session {
                             ensure_prepared(conn, &stmt, &mut self.expect, &mut b);
                             st::put_bind(&mut b, portal, &stmt.server_name, rest);
                             replace = Some(b);
+                            self.portal_effects.clone_from(&stmt.effects);
+                        } else if name.is_empty() {
+                            self.portal_effects.clone_from(&self.unnamed_effects);
                         }
                     }
                     self.expect.push(Expect::Bind);
@@ -270,7 +297,8 @@ impl Session {
                 }
                 EXECUTE => {
                     self.unsynced = true;
-                    self.expect.push(Expect::Execute);
+                    note_pins(&mut self.pins, &self.portal_effects, &self.pool);
+                    self.expect.push(Expect::Execute { effects: self.portal_effects.clone() });
                 }
                 _ => {} // Flush and CopyData belong to a request already accounted for
             }
@@ -319,11 +347,17 @@ impl Session {
         if let Err(t) = self.cancel.try_set(Some(co.conn_ref().cancel_target.clone())) {
             self.cancel.set(t).await;
         }
-        if let Some(sql) = params::sync_sql(&self.wanted, &co.conn_ref().applied) {
+        let sync = params::sync_statements(&self.wanted, &co.conn_ref().applied);
+        if !sync.is_empty() {
+            // One Query per setting, pipelined in one write: a bad value fails alone and is reported back.
+            let mut out = BytesMut::new();
+            for (name, sql) in sync {
+                out.extend_from_slice(&encode::query(&sql));
+                self.expect.push(Expect::Setting { name, failed: false });
+            }
             let conn = co.conn();
-            conn.stream.write_all(&encode::query(&sql)).await.map_err(|e| Error::UpstreamLost(e.to_string()))?;
+            conn.stream.write_all(&out).await.map_err(|e| Error::UpstreamLost(e.to_string()))?;
             conn.applied = self.wanted.clone();
-            self.expect.push(Expect::Query { swallow: true });
         }
         self.server = Some(co);
         Ok(())
@@ -385,15 +419,36 @@ impl Session {
         let mut out: Option<BytesMut> = None;
         let mut due = vec![];
         let mut unprepared = vec![];
+        let mut done = vec![];
         while let Some(n) =
             complete_len(&conn.rbuf[at..], crate::backend::server::MAX_SERVER_MESSAGE).map_err(|e| Error::UpstreamLost(e.to_string()))?
         {
             let tag = conn.rbuf[at];
-            let action = self.expect.on_server_frame(tag, &mut unprepared);
+            let action = self.expect.on_server_frame(tag, &mut unprepared, &mut done);
+            // A completed SET takes hold now in autocommit, or at COMMIT of the transaction it ran in.
+            for e in done.drain(..) {
+                if self.status == TxStatus::Idle {
+                    apply_setting(e, &mut self.wanted, &self.startup, &mut conn.applied);
+                } else {
+                    self.staged.push(e);
+                }
+            }
             match tag {
+                COMMAND_COMPLETE if action == Action::Forward => {
+                    self.commit_seen |= conn.rbuf.get(at + 5..at + 11) == Some(b"COMMIT");
+                }
                 READY_FOR_QUERY => {
                     if let Some(s) = conn.rbuf.get(at + 5).copied().and_then(TxStatus::from_byte) {
                         if action == Action::Forward {
+                            if self.status != TxStatus::Idle && s == TxStatus::Idle {
+                                let committed = std::mem::take(&mut self.commit_seen);
+                                for e in std::mem::take(&mut self.staged) {
+                                    if committed {
+                                        apply_setting(e, &mut self.wanted, &self.startup, &mut conn.applied);
+                                    }
+                                }
+                            }
+                            self.commit_seen = false;
                             self.status = s;
                             if s == TxStatus::Idle {
                                 self.pool.stats.transactions.fetch_add(1, Ordering::Relaxed);
@@ -404,15 +459,16 @@ impl Session {
                 PARAMETER_STATUS if action == Action::Forward => {
                     if let Some((k, v)) = view::parameter_status(&conn.rbuf[at + 5..at + n]) {
                         if params::is_session_setting(&k) {
-                            conn.applied.insert(k.clone(), v.clone());
-                            self.wanted.insert(k, v);
+                            let k = k.to_ascii_lowercase();
+                            let sql = params::set_config_sql(&k, &v);
+                            conn.applied.insert(k.clone(), sql.clone());
+                            self.wanted.insert(k, sql);
                         }
                     }
                 }
                 ERROR_RESPONSE if action == Action::Swallow => {
                     let e = ErrorView::parse(&conn.rbuf[at + 5..at + n]).unwrap_or_default();
-                    tracing::warn!(code = %e.code, message = %e.message, "re-applying a client's session settings failed");
-                    conn.applied.clear();
+                    tracing::warn!(code = %e.code, message = %e.message, "re-applying a client's session setting failed");
                 }
                 _ => {}
             }
@@ -447,7 +503,8 @@ impl Session {
         };
         self.pool.stats.bytes_to_client.fetch_add(written as u64, Ordering::Relaxed);
         conn.rbuf.advance(at);
-        let idle = self.expect.is_empty() && !self.unsynced && self.status == TxStatus::Idle && conn.rbuf.is_empty();
+        let idle =
+            self.expect.is_empty() && !self.unsynced && self.status == TxStatus::Idle && conn.rbuf.is_empty() && self.pins.is_empty();
         if idle && self.mode == PoolMode::Transaction {
             self.release(ReleaseState::Clean).await;
         }
@@ -476,6 +533,11 @@ impl Session {
 
     /// At session end: hand the server back clean, reset it, or (mid-query) cancel the query and close it.
     async fn release_at_end(&mut self) {
+        let pinned = !self.pins.is_empty();
+        if pinned {
+            self.pins.clear();
+            self.pool.stats.pinned.fetch_sub(1, Ordering::Relaxed);
+        }
         let Some(co) = self.server.as_ref() else { return };
         let quiet = self.expect.is_empty() && !self.unsynced && co.conn_ref().rbuf.is_empty();
         let session = self.mode == PoolMode::Session;
@@ -485,10 +547,11 @@ impl Session {
                 let _ = crate::cancel::forward(&target).await;
             });
             ReleaseState::Broken
-        } else if self.status == TxStatus::Idle && !session {
+        } else if self.status == TxStatus::Idle && !session && !pinned {
             ReleaseState::Clean
         } else {
-            ReleaseState::NeedsReset { rollback: self.status != TxStatus::Idle, discard: session }
+            // A pinned session leaves LISTENs, temp tables, locks or cursors behind: DISCARD ALL clears them.
+            ReleaseState::NeedsReset { rollback: self.status != TxStatus::Idle, discard: session || pinned }
         };
         self.release(state).await;
     }
@@ -542,5 +605,77 @@ fn statement_commands(body: &[u8], stmts: &mut HashMap<Bytes, Arc<Statement>>, c
             Some(out.freeze())
         }
         _ => None,
+    }
+}
+
+/// Records what ties the client to its server connection (and what releases it), counting pinned sessions.
+fn note_pins(pins: &mut HashSet<Pin>, fx: &[Effect], pool: &Pool) {
+    if fx.is_empty() {
+        return;
+    }
+    let was = !pins.is_empty();
+    for e in fx {
+        match e {
+            Effect::Pin(p) => {
+                pins.insert(p.clone());
+            }
+            Effect::Unlisten(None) => pins.retain(|p| !matches!(p, Pin::Listen(_))),
+            Effect::Unlisten(Some(c)) => {
+                pins.remove(&Pin::Listen(c.clone()));
+            }
+            Effect::Deallocate(None) => pins.retain(|p| !matches!(p, Pin::SqlPrepare(_))),
+            Effect::Deallocate(Some(n)) => {
+                pins.remove(&Pin::SqlPrepare(n.clone()));
+            }
+            Effect::AdvisoryUnlockAll => {
+                pins.remove(&Pin::AdvisoryLock);
+            }
+            Effect::CloseAllCursors => {
+                pins.remove(&Pin::HoldCursor);
+            }
+            Effect::DiscardTemp => {
+                pins.remove(&Pin::TempObject);
+            }
+            Effect::DiscardAll => pins.clear(),
+            _ => {}
+        }
+    }
+    match (was, pins.is_empty()) {
+        (false, false) => {
+            pool.stats.pinned.fetch_add(1, Ordering::Relaxed);
+            pool.stats.pins_total.fetch_add(1, Ordering::Relaxed);
+        }
+        (true, true) => {
+            pool.stats.pinned.fetch_sub(1, Ordering::Relaxed);
+        }
+        _ => {}
+    }
+}
+
+/// Applies a completed statement's effect on settings to what the client wants and what the server has.
+fn apply_setting(e: Effect, wanted: &mut Settings, startup: &Settings, applied: &mut Settings) {
+    match e {
+        Effect::Set { name, sql } => {
+            applied.insert(name.clone(), sql.clone());
+            wanted.insert(name, sql);
+        }
+        Effect::Reset { name } => {
+            // The server went back to its default; the client's default is its startup value, if any.
+            applied.remove(&name);
+            match startup.get(&name) {
+                Some(v) => wanted.insert(name, v.clone()),
+                None => wanted.remove(&name),
+            };
+        }
+        Effect::ResetAll | Effect::DiscardAll => {
+            applied.clear();
+            *wanted = startup.clone();
+        }
+        Effect::Unapplied { name } => {
+            // The client's value does not apply here: stop asking, and make sure the next client resets it.
+            wanted.remove(&name);
+            applied.insert(name, String::new());
+        }
+        _ => {}
     }
 }

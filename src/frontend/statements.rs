@@ -22,6 +22,8 @@ pub struct Statement {
     /// A whole Parse frame under `server_name`.
     pub parse: Bytes,
     pub query: Bytes,
+    /// What executing it does to the session (a prepared `SET`, `LISTEN`, ...), decided once.
+    pub effects: Vec<crate::sql::session::Effect>,
 }
 
 /// The process-wide statement registry. Entries die with the last client that uses them.
@@ -52,7 +54,8 @@ impl Registry {
             b.put_u8(0);
             b.put_slice(param_types);
         });
-        let s = Arc::new(Statement { id, server_name, parse: parse.freeze(), query: key.0.clone() });
+        let effects = crate::sql::session::effects(&String::from_utf8_lossy(query));
+        let s = Arc::new(Statement { id, server_name, parse: parse.freeze(), query: key.0.clone(), effects });
         map.insert(key, Arc::downgrade(&s));
         s
     }

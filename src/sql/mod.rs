@@ -21,6 +21,7 @@ mod batch;
 mod classify;
 mod hints;
 mod merge;
+pub mod session;
 mod tree;
 pub mod volatility;
 

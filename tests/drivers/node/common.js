@@ -82,6 +82,36 @@ async function gatherClients (n, fn) {
   if (errs.length) throw new Error(`${errs.length} of ${n} clients failed, first: ${errs[0]}`)
 }
 
+// Server connections of the pooler under test (transaction mode). A client that holds a
+// transaction open keeps one server connection; if it then needs a second connection of its own
+// (an observer checking what other sessions see), 20 such clients at once hold every server and
+// all observers wait forever: a deadlock by construction under any transaction pooler. Those
+// sections run with at most POOL_SIZE - 1 holders at once (one against Postgres directly too),
+// so a server is always left for observers; the rest of each check stays concurrent.
+const POOL_SIZE = parseInt(process.env.POOL_SIZE || '2', 10)
+const HOLDERS = Math.max(1, POOL_SIZE - 1)
+
+class Semaphore {
+  constructor (n) { this.n = n; this.waiting = [] }
+  async acquire () {
+    if (this.n > 0) { this.n--; return }
+    await new Promise((resolve) => this.waiting.push(resolve))
+  }
+
+  release () {
+    const next = this.waiting.shift()
+    if (next) next(); else this.n++
+  }
+
+  // runs fn while holding a slot; roll the transaction back inside fn on failure
+  async with (fn) {
+    await this.acquire()
+    try { return await fn() } finally { this.release() }
+  }
+}
+
+const holderSlots = () => new Semaphore(HOLDERS)
+
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms))
 
 function withDeadline (p, ms, what) {
@@ -120,5 +150,5 @@ class Reporter {
 
 module.exports = {
   CLIENTS, CHECK_DEADLINE_MS, BIG_N, TZ_EXPECT, runPrefix, copyText, copyEsc, typeValues, bigExpectedDigest,
-  expectEq, expect, expectSqlstate, gatherClients, sleep, withDeadline, Reporter
+  expectEq, expect, expectSqlstate, gatherClients, sleep, withDeadline, Reporter, POOL_SIZE, HOLDERS, holderSlots
 }

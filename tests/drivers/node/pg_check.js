@@ -8,7 +8,7 @@ const pg = require('pg')
 const { from: copyFrom, to: copyTo } = require('pg-copy-streams')
 const {
   CLIENTS, BIG_N, TZ_EXPECT, runPrefix, copyText, copyEsc, typeValues, bigExpectedDigest,
-  expectEq, expect, expectSqlstate, gatherClients, sleep, withDeadline, Reporter
+  expectEq, expect, expectSqlstate, gatherClients, sleep, withDeadline, Reporter, holderSlots
 } = require('./common')
 
 const URL = process.argv[2]
@@ -29,6 +29,14 @@ async function connect (extra = {}) {
 async function withClient (fn, extra) {
   const c = await connect(extra)
   try { return await fn(c) } finally { await c.end().catch(() => {}) }
+}
+
+// a pg.Pool checkout for fn; if fn fails (perhaps inside BEGIN), the client is destroyed rather
+// than returned to the pool, so a later check never gets a connection left in a transaction
+async function withPoolClient (pool, fn) {
+  const c = await pool.connect()
+  let failure
+  try { return await fn(c) } catch (e) { failure = e; throw e } finally { c.release(failure || undefined) }
 }
 
 async function setup () {
@@ -81,8 +89,7 @@ async function checkTypes (pool) {
 
 async function checkPrepared50x (pool) {
   await gatherClients(CLIENTS, async (i) => {
-    const c = await pool.connect()
-    try {
+    await withPoolClient(pool, async (c) => {
       for (let k = 0; k < 50; k++) {
         let r = await c.query({ name: 'stmt_a', text: 'SELECT $1::int * 2 AS d, $2::text AS t', values: [k + i * 1000, `c${i}-${k}`] })
         expectEq(r.rows, [{ d: (k + i * 1000) * 2, t: `c${i}-${k}` }], 'prepared stmt A')
@@ -98,7 +105,7 @@ async function checkPrepared50x (pool) {
         }
       }
       expect(c.connection.parsedStatements.stmt_a, 'pg did not keep stmt_a prepared')
-    } finally { c.release() }
+    })
   })
 }
 
@@ -113,32 +120,42 @@ async function checkConcurrent (pool) {
 }
 
 async function checkCommitRollback (pool) {
+  // c holds its transaction open while obs needs a server: at most POOL_SIZE - 1 such holders at
+  // once, or every server of a transaction pooler is held and every observer waits
+  const hold = holderSlots()
   await gatherClients(CLIENTS, async (i) => {
-    const c = await pool.connect()
     const obs = await connect() // observer outside the pool: 20 clients x 2 would starve a pool of 20
+    const count = async (conn, k) => (await conn.query(`SELECT count(*)::int AS n FROM ${S}.cr WHERE client = $1 AND k = $2`, [i, k])).rows[0].n
     try {
-      const count = async (conn, k) => (await conn.query(`SELECT count(*)::int AS n FROM ${S}.cr WHERE client = $1 AND k = $2`, [i, k])).rows[0].n
-      await c.query('BEGIN')
-      await c.query(`INSERT INTO ${S}.cr VALUES ($1, 1, 'committed')`, [i])
-      expectEq(await count(obs, 1), 0, 'uncommitted row visible to other connection')
-      expectEq(await count(c, 1), 1, 'own uncommitted row')
-      await c.query('COMMIT')
-      expectEq(await count(obs, 1), 1, 'committed row seen by other connection')
-      await c.query('BEGIN')
-      await c.query(`INSERT INTO ${S}.cr VALUES ($1, 2, 'rolled back')`, [i])
-      expectEq(await count(c, 2), 1, 'own row before rollback')
-      await c.query('ROLLBACK')
-      expectEq(await count(c, 2), 0, 'rolled back row')
-      expectEq(await count(obs, 2), 0, 'rolled back row (other connection)')
-    } finally { c.release(); await obs.end().catch(() => {}) }
+      await withPoolClient(pool, async (c) => {
+        await hold.with(async () => {
+          await c.query('BEGIN')
+          try {
+            await c.query(`INSERT INTO ${S}.cr VALUES ($1, 1, 'committed')`, [i])
+            expectEq(await count(obs, 1), 0, 'uncommitted row visible to other connection')
+            expectEq(await count(c, 1), 1, 'own uncommitted row')
+          } catch (e) {
+            await c.query('ROLLBACK').catch(() => {}) // inside the slot: its server is free on release
+            throw e
+          }
+          await c.query('COMMIT')
+        })
+        expectEq(await count(obs, 1), 1, 'committed row seen by other connection')
+        await c.query('BEGIN')
+        await c.query(`INSERT INTO ${S}.cr VALUES ($1, 2, 'rolled back')`, [i])
+        expectEq(await count(c, 2), 1, 'own row before rollback')
+        await c.query('ROLLBACK')
+        expectEq(await count(c, 2), 0, 'rolled back row')
+        expectEq(await count(obs, 2), 0, 'rolled back row (other connection)')
+      })
+    } finally { await obs.end().catch(() => {}) }
   })
 }
 
 async function checkErrors (pool) {
   await pool.query(`INSERT INTO ${S}.uniq VALUES (-1)`)
   await gatherClients(CLIENTS, async (i) => {
-    const c = await pool.connect()
-    try {
+    await withPoolClient(pool, async (c) => {
       await expectSqlstate(() => c.query('SELECT 1 / $1::int', [0]), '22012', 'division by zero')
       expectEq((await c.query('SELECT $1::int AS x', [i])).rows, [{ x: i }], 'query after 22012')
       await c.query(`INSERT INTO ${S}.uniq VALUES ($1)`, [i])
@@ -153,7 +170,7 @@ async function checkErrors (pool) {
       await expectSqlstate(() => c.query('SELECT 1'), '25P02', 'statement in failed transaction')
       await c.query('ROLLBACK')
       expectEq((await c.query(`SELECT count(*)::int AS n FROM ${S}.uniq WHERE id = $1`, [1000 + i])).rows, [{ n: 0 }], 'insert of failed transaction rolled back')
-    } finally { c.release() }
+    })
   })
 }
 

@@ -8,7 +8,7 @@ const { pipeline } = require('stream/promises')
 const postgres = require('postgres')
 const {
   CLIENTS, BIG_N, TZ_EXPECT, runPrefix, copyText, copyEsc, typeValues, bigExpectedDigest,
-  expectEq, expect, expectSqlstate, gatherClients, sleep, withDeadline, Reporter
+  expectEq, expect, expectSqlstate, gatherClients, sleep, withDeadline, Reporter, holderSlots
 } = require('./common')
 
 const URL = process.argv[2]
@@ -25,6 +25,19 @@ function newSql (extra = {}) {
   const s = postgres(URL, { ...opts, ...extra })
   instances.push(s)
   return s
+}
+
+// a reserved connection for fn; if fn fails (perhaps inside BEGIN), it is rolled back before it
+// goes back to the pool (postgres.js cannot destroy a reserved connection), so a later check
+// never gets a connection left in a transaction
+async function withReserved (sql, fn) {
+  const c = await sql.reserve()
+  try {
+    return await fn(c)
+  } catch (e) {
+    await withDeadline(c.unsafe('ROLLBACK'), 5000, 'ROLLBACK after failure').catch(() => {})
+    throw e
+  } finally { c.release() }
 }
 
 async function setup (sql) {
@@ -72,8 +85,7 @@ async function checkTypes (sql) {
 
 async function checkPrepared50x (sql) {
   await gatherClients(CLIENTS, async (i) => {
-    const c = await sql.reserve()
-    try {
+    await withReserved(sql, async (c) => {
       for (let k = 0; k < 50; k++) {
         let r = await c`SELECT ${k + i * 1000}::int * 2 AS d, ${`c${i}-${k}`}::text AS t`
         expectEq(plain(r), [{ d: (k + i * 1000) * 2, t: `c${i}-${k}` }], 'prepared stmt A')
@@ -88,7 +100,7 @@ async function checkPrepared50x (sql) {
           await c.unsafe('COMMIT')
         }
       }
-    } finally { c.release() }
+    })
     // and through the pool, where each query may take another connection
     for (let k = 0; k < 50; k++) {
       const r = await sql`SELECT ${k}::int * 2 AS d, ${`p${i}`}::text AS t`
@@ -108,13 +120,16 @@ async function checkConcurrent (sql) {
 }
 
 async function checkCommitRollback (sql, obsSql) {
+  const hold = holderSlots()
   await gatherClients(CLIENTS, async (i) => {
     const count = async (s, k) => (await s`SELECT count(*)::int AS n FROM ${sql(S)}.cr WHERE client = ${i} AND k = ${k}`)[0].n
-    await sql.begin(async (tx) => {
+    // the transaction stays open while obsSql needs a server: at most POOL_SIZE - 1 such holders
+    // at once (sql.begin rolls back inside the slot on failure)
+    await hold.with(() => sql.begin(async (tx) => {
       await tx`INSERT INTO ${sql(S)}.cr VALUES (${i}, 1, 'committed')`
       expectEq(await count(obsSql, 1), 0, 'uncommitted row visible to other connection')
       expectEq(await count(tx, 1), 1, 'own uncommitted row')
-    })
+    }))
     expectEq(await count(obsSql, 1), 1, 'committed row seen by other connection')
     let err = null
     try {
@@ -139,8 +154,7 @@ async function checkCommitRollback (sql, obsSql) {
 async function checkErrors (sql) {
   await sql`INSERT INTO ${sql(S)}.uniq VALUES (-1)`
   await gatherClients(CLIENTS, async (i) => {
-    const c = await sql.reserve()
-    try {
+    await withReserved(sql, async (c) => {
       await expectSqlstate(() => c`SELECT 1 / ${0}::int`, '22012', 'division by zero')
       expectEq(plain(await c`SELECT ${i}::int AS x`), [{ x: i }], 'query after 22012')
       await c`INSERT INTO ${sql(S)}.uniq VALUES (${i})`
@@ -155,15 +169,14 @@ async function checkErrors (sql) {
       await expectSqlstate(() => c`SELECT 1`, '25P02', 'statement in failed transaction')
       await c.unsafe('ROLLBACK')
       expectEq(plain(await c`SELECT count(*)::int AS n FROM ${sql(S)}.uniq WHERE id = ${1000 + i}`), [{ n: 0 }], 'insert of failed transaction rolled back')
-    } finally { c.release() }
+    })
   })
 }
 
 async function checkSearchPath (sql) {
   await gatherClients(CLIENTS, async (i) => {
     const [sch, want, osch, other] = i % 2 === 0 ? [SA, 'a', SB, 'b'] : [SB, 'b', SA, 'a']
-    const c = await sql.reserve()
-    try {
+    await withReserved(sql, async (c) => {
       await c.unsafe(`SET search_path TO ${sch}`)
       for (let k = 0; k < 10; k++) {
         expectEq(plain(await c`SELECT v FROM sp_t`), [{ v: want }], `unqualified query #${k}`)
@@ -180,15 +193,14 @@ async function checkSearchPath (sql) {
       expectEq(plain(await c.unsafe('SELECT v FROM sp_t')), [{ v: want }], 'after SET LOCAL')
       await c.unsafe('RESET search_path')
       await expectSqlstate(() => c.unsafe('SELECT v FROM sp_t'), '42P01', 'after RESET search_path')
-    } finally { c.release() }
+    })
   })
 }
 
 async function checkTimezone (sql) {
   await gatherClients(CLIENTS, async (i) => {
     const [tz, want] = TZ_EXPECT[i % TZ_EXPECT.length]
-    const c = await sql.reserve()
-    try {
+    await withReserved(sql, async (c) => {
       await c.unsafe(`SET TimeZone TO '${tz}'`)
       for (let k = 0; k < 10; k++) {
         expectEq(plain(await c`SELECT '2024-01-01 00:00:00+00'::timestamptz::text AS t`), [{ t: want }], `timestamptz text #${k}`)
@@ -198,7 +210,7 @@ async function checkTimezone (sql) {
         expectEq(plain(await c.unsafe('SHOW TimeZone')), [{ TimeZone: tz }], 'SHOW TimeZone')
         await sleep(2)
       }
-    } finally { c.release() }
+    })
   })
 }
 
@@ -239,8 +251,7 @@ async function checkCopy (sql) {
 }
 
 async function checkCancel (sql) {
-  const c = await sql.reserve()
-  try {
+  await withReserved(sql, async (c) => {
     for (const inTx of [false, true]) {
       if (inTx) { await c.unsafe('BEGIN'); await c`SELECT 1` }
       const q = c`SELECT pg_sleep(10)`
@@ -261,7 +272,7 @@ async function checkCancel (sql) {
       if (inTx) await c.unsafe('ROLLBACK')
       expectEq(plain(await c`SELECT ${42}::int AS x`), [{ x: 42 }], 'connection usable after cancel')
     }
-  } finally { c.release() }
+  })
 }
 
 async function checkBigResult (sql) {

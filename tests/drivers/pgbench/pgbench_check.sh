@@ -5,7 +5,10 @@
 set -u
 URL="$1"
 T="pgbench_$(od -An -N4 -tx4 /dev/urandom | tr -d ' \n')"
-CLIENTS=20 JOBS=2 TX=200
+# One pgbench thread per client: pgbench prepares statements with a synchronous PQprepare that blocks its whole
+# thread, so with fewer threads than clients, one client waiting for a pooled server connection would stall the
+# thread's other clients that hold one inside BEGIN...END: a deadlock of the load generator, not of the pooler.
+CLIENTS=20 JOBS=20 TX=200
 WANT=$((CLIENTS * TX))
 WORK="$(mktemp -d)"
 passed=0 failed=0

@@ -14,7 +14,7 @@ import uuid
 
 import asyncpg
 
-from common import (BIG_N, CHECK_DEADLINE, CLIENTS, TZ_EXPECT, CheckFailed, Reporter,
+from common import (BIG_N, CHECK_DEADLINE, CLIENTS, HOLDERS, TZ_EXPECT, CheckFailed, Reporter,
                     big_expected_digest, copy_text, expect, expect_eq, run_prefix, type_values)
 
 URL = sys.argv[1]
@@ -135,14 +135,19 @@ async def check_concurrent_own_answers(pool):
 
 async def check_commit_rollback(pool):
     # observers come from a second pool: 20 clients x 2 connections would starve one pool of 20
+    # (released pool connections are reset by asyncpg, with a ROLLBACK if one is still in a
+    # transaction after a failure)
     obs_pool = await asyncpg.create_pool(URL, min_size=1, max_size=CLIENTS)
+    # c holds its transaction open while obs needs a server: at most POOL_SIZE - 1 such holders
+    # at once, or every server of a transaction pooler is held and every observer waits
+    hold = asyncio.Semaphore(HOLDERS)
 
     async def client(i):
         async with pool.acquire() as c, obs_pool.acquire() as obs:
             async def count(conn, k):
                 return await conn.fetchval(f"SELECT count(*) FROM {S}.cr WHERE client = $1 AND k = $2", i, k)
 
-            async with c.transaction():
+            async with hold, c.transaction():
                 await c.execute(f"INSERT INTO {S}.cr VALUES ($1, 1, 'committed')", i)
                 expect_eq(await count(obs, 1), 0, "uncommitted row visible to other connection")
                 expect_eq(await count(c, 1), 1, "own uncommitted row")

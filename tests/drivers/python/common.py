@@ -29,6 +29,30 @@ TZ_EXPECT = [
 
 BIG_N = 200000
 
+# Server connections of the pooler under test (transaction mode). A client that holds a
+# transaction open keeps one server connection; if it then needs a second connection of its own
+# (an observer checking what other sessions see), 20 such clients at once hold every server and
+# all observers wait forever: a deadlock by construction under any transaction pooler. Those
+# sections run with at most POOL_SIZE - 1 holders at once (one against Postgres directly too),
+# so a server is always left for observers; the rest of each check stays concurrent.
+POOL_SIZE = int(os.environ.get("POOL_SIZE", "2"))
+HOLDERS = max(1, POOL_SIZE - 1)
+_hold = threading.BoundedSemaphore(HOLDERS)
+
+
+class hold_slot:
+    """with hold_slot(): a section that holds a transaction open while another connection of the
+    same client needs a server. Roll the transaction back inside the section on failure."""
+
+    def __enter__(self):
+        if not _hold.acquire(timeout=CHECK_DEADLINE):
+            raise CheckFailed(f"no transaction-holder slot within {CHECK_DEADLINE}s")
+        return self
+
+    def __exit__(self, *exc):
+        _hold.release()
+        return False
+
 
 def run_prefix(driver):
     """Unique, lower-case object-name prefix for this run of this driver."""

@@ -13,7 +13,7 @@ from psycopg import sql as pgsql
 from psycopg_pool import ConnectionPool
 
 from common import (BIG_N, CLIENTS, TZ_EXPECT, CheckFailed, Reporter, big_expected_digest,
-                    copy_text, expect, expect_eq, run_prefix, run_threads, type_values)
+                    copy_text, expect, expect_eq, hold_slot, run_prefix, run_threads, type_values)
 
 URL = sys.argv[1]
 DRIVER = "psycopg"
@@ -159,7 +159,9 @@ def check_commit_rollback():
             def count(conn, k):
                 return conn.execute(f"SELECT count(*) FROM {S}.cr WHERE client = %s AND k = %s", (i, k)).fetchone()[0]
 
-            with c.transaction():
+            # c holds its transaction open while obs needs a server: at most POOL_SIZE - 1 such
+            # holders at once (the transaction context rolls back inside the slot on failure)
+            with hold_slot(), c.transaction():
                 c.execute(f"INSERT INTO {S}.cr VALUES (%s, 1, 'committed')", (i,))
                 expect_eq(count(obs, 1), 0, "uncommitted row visible to other connection")
                 expect_eq(count(c, 1), 1, "own uncommitted row")
@@ -183,9 +185,17 @@ def check_commit_rollback():
             expect_eq((count(obs, 3), count(obs, 4)), (1, 0), "SQL COMMIT/ROLLBACK")
             # non-autocommit connection: implicit transaction
             with connect(autocommit=False) as nc:
-                nc.execute(f"INSERT INTO {S}.cr VALUES (%s, 5, 'implicit')", (i,))
-                expect_eq(count(obs, 5), 0, "implicit transaction not yet committed")
-                nc.commit()
+                with hold_slot():
+                    try:
+                        nc.execute(f"INSERT INTO {S}.cr VALUES (%s, 5, 'implicit')", (i,))
+                        expect_eq(count(obs, 5), 0, "implicit transaction not yet committed")
+                        nc.commit()
+                    except BaseException:
+                        try:
+                            nc.rollback()
+                        except psycopg.Error:
+                            pass
+                        raise
                 expect_eq(count(obs, 5), 1, "implicit transaction committed")
                 nc.execute(f"INSERT INTO {S}.cr VALUES (%s, 6, 'implicit rb')", (i,))
                 nc.rollback()
