@@ -79,6 +79,11 @@ pub struct Config {
     pub max_prepared_statements: usize,
     pub workers: usize,
     pub log_format: LogFormat,
+    pub admin_users: Vec<String>,
+    pub stats_users: Vec<String>,
+    /// auth_query: (user, password) pgsurge looks secrets up as; None disables the lookup.
+    pub auth_user: Option<(String, Option<String>)>,
+    pub auth_query: String,
     pub databases: BTreeMap<String, Database>,
     pub users: BTreeMap<String, User>,
 }
@@ -212,10 +217,22 @@ impl Config {
             max_prepared_statements: s.max_prepared_statements.unwrap_or(256).max(1),
             workers: s.workers.unwrap_or(0),
             log_format,
+            admin_users: list(&s.admin_users),
+            stats_users: list(&s.stats_users),
+            auth_user: s.auth_user.clone().filter(|u| !u.is_empty()).map(|u| (u, s.auth_password.clone())),
+            auth_query: s.auth_query.clone().unwrap_or_else(|| DEFAULT_AUTH_QUERY.into()),
             databases,
             users,
         })
     }
+}
+
+/// PgBouncer's default lookup; needs a superuser, or use a SECURITY DEFINER function (see README).
+pub const DEFAULT_AUTH_QUERY: &str = "SELECT usename, passwd FROM pg_shadow WHERE usename=$1";
+
+/// A comma-separated list of names.
+fn list(s: &Option<String>) -> Vec<String> {
+    s.as_deref().unwrap_or("").split(',').map(str::trim).filter(|x| !x.is_empty()).map(String::from).collect()
 }
 
 fn read_file(path: &Path) -> Result<Settings, ConfigError> {

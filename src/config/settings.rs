@@ -132,6 +132,21 @@ settings! {
     /// text | json.
     #[arg(long, env = "PGSURGE_LOG_FORMAT")]
     log_format: String,
+    /// Users allowed every admin console command (comma-separated; they must be known users).
+    #[arg(long, env = "PGSURGE_ADMIN_USERS")]
+    admin_users: String,
+    /// Users allowed the console's SHOW commands only (comma-separated).
+    #[arg(long, env = "PGSURGE_STATS_USERS")]
+    stats_users: String,
+    /// auth_query: the upstream user that looks up the SCRAM secrets of users not in the config.
+    #[arg(long, env = "PGSURGE_AUTH_USER")]
+    auth_user: String,
+    /// Password of `auth_user` (else its entry among the users).
+    #[arg(long, env = "PGSURGE_AUTH_PASSWORD")]
+    auth_password: String,
+    /// The lookup `auth_user` runs; $1 is the user name; returns (name, secret).
+    #[arg(long, env = "PGSURGE_AUTH_QUERY")]
+    auth_query: String,
 }
 
 /// Subcommands beside the proxy itself.

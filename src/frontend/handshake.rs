@@ -46,6 +46,8 @@ pub struct Handshake<'a> {
     pub addr: SocketAddr,
     /// Keys a client proved against a stored SCRAM secret, for logging in upstream as it.
     pub passthrough: Option<ClientCredential>,
+    /// (user, database) once the startup packet named them, for the log line of a refused connection.
+    pub who: &'a mut Option<(String, String)>,
 }
 
 impl Handshake<'_> {
@@ -103,6 +105,7 @@ impl Handshake<'_> {
             .filter(|u| !u.is_empty())
             .ok_or_else(|| Error::AuthRejected("no PostgreSQL user name specified in startup packet".into()))?;
         let database = get("database").filter(|d| !d.is_empty()).unwrap_or_else(|| user.clone());
+        *self.who = Some((user.clone(), database.clone()));
         if get("replication").is_some_and(|r| r != "false" && r != "0" && r != "off") {
             return Err(Error::NotSupported("replication connections are not supported through pgsurge".into()));
         }

@@ -311,6 +311,7 @@ impl Session {
 
     /// Checks out a server connection and brings its session settings in line with this client's.
     async fn acquire(&mut self) -> Result<()> {
+        let _waiting = self.cancel.waiting();
         let checkout = tokio::select! {
             r = self.pool.checkout(self.wait_timeout) => r?,
             _ = self.cancel.waiting_cancel.notified() => return Err(Error::Canceled("user request")),
@@ -332,6 +333,7 @@ impl Session {
     /// Answers the frames in `rbuf[..at]` with `err` as Postgres would: the error, then ReadyForQuery at the
     /// first Query or Sync; without one, drop messages until the client's Sync arrives.
     async fn fail_request(&mut self, err: Error, at: usize) -> Result<()> {
+        self.app.ops.errors.count(err.sqlstate());
         let mut out = BytesMut::new();
         err.write_to(&mut out);
         let mut pos = 0;

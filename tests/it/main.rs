@@ -3,6 +3,7 @@
 mod harness;
 
 mod auth;
+mod ops;
 mod pooling;
 mod resilience;
 mod wire;
