@@ -25,6 +25,8 @@ pub use table::Table;
 pub struct Ops {
     pub clients: ClientRegistry,
     pub errors: ErrorCounts,
+    /// auth_query lookups, cached briefly.
+    pub auth_cache: crate::auth::query::AuthCache,
     /// `PAUSE` state: everything, or these databases. Pools created later start paused too.
     paused: Mutex<(bool, BTreeSet<String>)>,
     /// The flags and environment pgsurge started with: a reload re-reads the file under them.

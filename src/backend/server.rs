@@ -117,7 +117,7 @@ impl ServerConn {
         }
     }
 
-    async fn send(&mut self, b: &[u8]) -> Result<()> {
+    pub async fn send(&mut self, b: &[u8]) -> Result<()> {
         self.stream.write_all(b).await.map_err(|e| Error::UpstreamLost(e.to_string()))
     }
 

@@ -115,7 +115,10 @@ impl Handshake<'_> {
         }
         let is_admin_db = ADMIN_DATABASES.contains(&database.as_str());
         let db = if is_admin_db { None } else { Some(self.app.database(&database)?) };
-        let known = cfg.users.get(&user).cloned();
+        let mut known = cfg.users.get(&user).cloned();
+        if let (None, Some(db)) = (&known, &db) {
+            known = self.app.auth_query_user(db, &user).await?;
+        }
         self.authenticate(&user, known.as_ref()).await?;
         let user_cfg = known.ok_or_else(|| Error::AuthFailed(user.clone()))?;
         let client_settings = crate::frontend::params::from_startup(&params);

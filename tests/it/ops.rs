@@ -273,3 +273,33 @@ async fn draining_lets_an_open_transaction_commit_then_run_returns() {
     assert_eq!(n, 1);
     direct.batch_execute(&format!("DROP TABLE {table}")).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_user_not_in_the_config_logs_in_through_auth_query_by_scram_passthrough() {
+    let pg = pg();
+    let (user, lookup) = (unique("aq"), unique("pgsurge_lookup"));
+    // What the README recommends instead of a superuser auth_user: a SECURITY DEFINER function.
+    pg.psql_super(
+        "app",
+        &format!(
+            "CREATE ROLE {user} LOGIN PASSWORD 'aq-secret'; GRANT ALL ON DATABASE app TO {user};
+             CREATE FUNCTION {lookup}(text) RETURNS TABLE(usename name, passwd text) LANGUAGE sql SECURITY DEFINER
+               AS $$ SELECT rolname, rolpassword FROM pg_authid WHERE rolname = $1 $$;
+             REVOKE ALL ON FUNCTION {lookup}(text) FROM public; GRANT EXECUTE ON FUNCTION {lookup}(text) TO app;"
+        ),
+    );
+    let auth_query = format!("SELECT usename, passwd FROM {lookup}($1)");
+    let proxy = Proxy::start(Settings { auth_user: Some("app".into()), auth_query: Some(auth_query), ..Default::default() }).await;
+
+    let c = connect(&proxy.url(&user, "aq-secret", "app")).await;
+    let who: String = c.query_one("SELECT current_user::text", &[]).await.unwrap().get(0);
+    assert_eq!(who, user, "logged in upstream as itself by SCRAM passthrough, no password stored");
+    let Err(err) = try_connect(&proxy.url(&user, "wrong", "app")).await else { panic!("a wrong password is refused") };
+    assert_eq!(code(&err), "28P01");
+    let Err(err) = try_connect(&proxy.url("nobody_here", "x", "app")).await else { panic!("a user auth_query does not find is refused") };
+    assert_eq!(code(&err), "28P01");
+
+    let without = Proxy::start(Settings::default()).await;
+    let Err(err) = try_connect(&without.url(&user, "aq-secret", "app")).await else { panic!("no auth_query, no login") };
+    assert_eq!(code(&err), "28P01");
+}
