@@ -101,8 +101,15 @@ impl App {
             None => (user.name.clone(), credential_of(&user.secret)),
         };
         let max_prepared = std::num::NonZeroUsize::new(cfg.max_prepared_statements).unwrap_or(std::num::NonZeroUsize::MIN);
-        let target =
-            ServerTarget { host: db.host.clone(), port: db.port, dbname: db.dbname.clone(), user: login_user, credential, max_prepared };
+        let target = ServerTarget {
+            host: db.host.clone(),
+            port: db.port,
+            dbname: db.dbname.clone(),
+            user: login_user,
+            credential,
+            max_prepared,
+            tls: cfg.server_tls.clone(),
+        };
         let pool = Pool::new(key.clone(), target, pool_settings(&cfg, db, user));
         crate::admin::init_pool(self, &pool);
         Ok(self.pools.lock().entry(key).or_insert(pool).clone())

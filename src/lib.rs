@@ -12,8 +12,10 @@ pub mod cancel;
 pub mod config;
 pub mod error;
 pub mod frontend;
+pub mod net;
 pub mod protocol;
 pub mod sql;
+pub mod tls;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;

@@ -45,6 +45,8 @@ pub fn rows(c: &Config) -> Vec<(&'static str, String, &'static str, bool)> {
         ("stats_users", c.stats_users.join(","), ""),
         ("auth_user", c.auth_user.as_ref().map(|u| u.0.clone()).unwrap_or_default(), ""),
         ("auth_query", c.auth_query.clone(), crate::config::DEFAULT_AUTH_QUERY),
+        ("client_tls_mode", format!("{:?}", c.client_tls_mode).to_ascii_lowercase(), "disable (allow with a certificate)"),
+        ("server_tls_mode", c.server_tls.mode.name().into(), "prefer"),
     ];
     v.into_iter().map(|(k, val, d)| (k, val, d, !RESTART_KEYS.contains(&k))).collect()
 }

@@ -58,6 +58,7 @@ impl App {
             user: auth_user,
             credential,
             max_prepared: std::num::NonZeroUsize::MIN,
+            tls: cfg.server_tls.clone(),
         };
         let secret = lookup(&target, &cfg.auth_query, name, cfg.server_connect_timeout).await?;
         if secret.is_none() {

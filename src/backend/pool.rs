@@ -284,7 +284,7 @@ impl Pool {
                         local_addr: c.stream.local_addr().ok(),
                         remote: target.addr(),
                         backend_pid: c.cancel_target.pid,
-                        tls: false,
+                        tls: c.stream.is_tls(),
                     };
                     self.servers.lock().insert(c.id, info);
                     return Ok(c);
@@ -328,10 +328,7 @@ impl Pool {
     pub fn purge_dead_idle(&self) {
         let dead: Vec<ServerConn> = {
             let mut idle = self.idle.lock();
-            let (alive, dead) = idle.drain(..).partition(|c: &ServerConn| {
-                let mut probe = [0u8; 1];
-                matches!(c.stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
-            });
+            let (alive, dead) = idle.drain(..).partition(|c: &ServerConn| c.stream.looks_alive());
             *idle = alive;
             dead
         };

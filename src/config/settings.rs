@@ -147,6 +147,21 @@ settings! {
     /// The lookup `auth_user` runs; $1 is the user name; returns (name, secret).
     #[arg(long, env = "PGSURGE_AUTH_QUERY")]
     auth_query: String,
+    /// PEM certificate chain pgsurge shows clients that ask for TLS.
+    #[arg(long, env = "PGSURGE_CLIENT_TLS_CERT")]
+    client_tls_cert: PathBuf,
+    /// PEM private key of client_tls_cert.
+    #[arg(long, env = "PGSURGE_CLIENT_TLS_KEY")]
+    client_tls_key: PathBuf,
+    /// disable | allow | require (allow when a certificate is given, else disable).
+    #[arg(long, env = "PGSURGE_CLIENT_TLS_MODE")]
+    client_tls_mode: String,
+    /// TLS to Postgres, as libpq's sslmode: disable | prefer | require | verify-ca | verify-full.
+    #[arg(long, env = "PGSURGE_SERVER_TLS_MODE", alias = "sslmode")]
+    server_tls_mode: String,
+    /// PEM CA certificates that verify-ca / verify-full check the server against.
+    #[arg(long, env = "PGSURGE_SERVER_TLS_CA_FILE")]
+    server_tls_ca_file: PathBuf,
 }
 
 /// Subcommands beside the proxy itself.

@@ -5,9 +5,9 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use crate::net::Stream;
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use crate::app::App;
 use crate::auth::md5;
@@ -41,7 +41,7 @@ pub const ADMIN_DATABASES: &[&str] = &["pgsurge", "pgbouncer"];
 
 pub struct Handshake<'a> {
     pub app: &'a Arc<App>,
-    pub stream: &'a mut TcpStream,
+    pub stream: &'a mut Stream,
     pub rbuf: &'a mut BytesMut,
     pub addr: SocketAddr,
     /// Keys a client proved against a stored SCRAM secret, for logging in upstream as it.
@@ -88,7 +88,8 @@ impl Handshake<'_> {
     pub async fn run(mut self) -> Result<Option<LoggedIn>> {
         let (version, params) = loop {
             match self.read_startup().await? {
-                StartupPacket::SslRequest | StartupPacket::GssEncRequest => self.stream.write_all(b"N").await?,
+                StartupPacket::SslRequest => self.ssl_request().await?,
+                StartupPacket::GssEncRequest => self.stream.write_all(b"N").await?,
                 StartupPacket::Cancel { pid, secret } => {
                     self.app.cancels.cancel(pid, &secret).await;
                     return Ok(None);
@@ -96,6 +97,9 @@ impl Handshake<'_> {
                 StartupPacket::Startup { version, params } => break (version, params),
             }
         };
+        if self.app.config.load().client_tls_mode == crate::tls::ClientTlsMode::Require && !self.stream.is_tls() {
+            return Err(Error::AuthRejected("pgsurge requires TLS from clients (client_tls_mode = require)".into()));
+        }
         let unrecognized: Vec<&str> = params.iter().map(|(k, _)| k.as_str()).filter(|k| k.starts_with("_pq_.")).collect();
         if version != PROTOCOL_3_0 || !unrecognized.is_empty() {
             self.stream.write_all(&encode::negotiate_protocol_version(0, &unrecognized)).await?;
@@ -165,6 +169,22 @@ impl Handshake<'_> {
 }
 
 impl Handshake<'_> {
+    /// SSLRequest: 'S' and the TLS handshake when client TLS is on, else 'N'.
+    async fn ssl_request(&mut self) -> Result<()> {
+        let cfg = self.app.config.load_full();
+        let config = match (&cfg.client_tls, cfg.client_tls_mode) {
+            (Some(c), crate::tls::ClientTlsMode::Allow | crate::tls::ClientTlsMode::Require) if !self.stream.is_tls() => c,
+            _ => return Ok(self.stream.write_all(b"N").await?),
+        };
+        // Bytes sent after SSLRequest before the handshake would be read as if they came encrypted: refuse.
+        if !self.rbuf.is_empty() {
+            return Err(Error::Protocol("data received after SSLRequest before the TLS handshake".into()));
+        }
+        self.stream.write_all(b"S").await?;
+        crate::tls::accept(self.stream, config).await?;
+        Ok(())
+    }
+
     /// Checks the client's password with the method configured for its user. Unknown users go through the
     /// same exchange against a throwaway verifier, so they cannot be told apart from a wrong password.
     async fn authenticate(&mut self, user: &str, known: Option<&User>) -> Result<()> {

@@ -12,6 +12,7 @@ use crate::app::{App, Shutdown};
 use crate::error::{Error, Severity};
 use crate::frontend::handshake::{Handshake, LoggedIn, Target};
 use crate::frontend::session::Session;
+use crate::net::Stream;
 use crate::protocol::codes::TxStatus;
 use crate::protocol::encode;
 
@@ -49,7 +50,8 @@ impl Drop for ClientCount {
     }
 }
 
-async fn serve_client(app: Arc<App>, mut stream: TcpStream, addr: SocketAddr) {
+async fn serve_client(app: Arc<App>, stream: TcpStream, addr: SocketAddr) {
+    let mut stream = Stream::from(stream);
     app.counters.clients.fetch_add(1, Ordering::Relaxed);
     app.counters.clients_total.fetch_add(1, Ordering::Relaxed);
     let _count = ClientCount(app.clone());
@@ -80,7 +82,7 @@ async fn serve_client(app: Arc<App>, mut stream: TcpStream, addr: SocketAddr) {
         &logged_in.user,
         &logged_in.database,
         app_name,
-        false,
+        stream.is_tls(),
         Some(cancel.slot.clone()),
     );
     let mut greeting = logged_in.greeting;
@@ -108,7 +110,7 @@ async fn serve_client(app: Arc<App>, mut stream: TcpStream, addr: SocketAddr) {
     tracing::info!(client = %addr, db = %logged_in.database, user = %logged_in.user, "disconnect");
 }
 
-async fn answer_fatal(app: &App, stream: &mut TcpStream, addr: SocketAddr, who: Option<(String, String)>, e: Error) {
+async fn answer_fatal(app: &App, stream: &mut Stream, addr: SocketAddr, who: Option<(String, String)>, e: Error) {
     if matches!(e, Error::Io(_)) {
         return;
     }
@@ -124,14 +126,15 @@ async fn answer_fatal(app: &App, stream: &mut TcpStream, addr: SocketAddr, who: 
 }
 
 /// A client of the virtual database `pgsurge`/`pgbouncer`: admin and stats users get the console, others 42501.
-async fn admin_console(app: Arc<App>, mut stream: TcpStream, rbuf: BytesMut, addr: SocketAddr, logged_in: LoggedIn) {
+async fn admin_console(app: Arc<App>, mut stream: Stream, rbuf: BytesMut, addr: SocketAddr, logged_in: LoggedIn) {
     let who = Some((logged_in.user.clone(), logged_in.database.clone()));
     let Some(role) = crate::admin::role_of(&app.config.load(), &logged_in.user) else {
         let e = Error::InsufficientPrivilege(format!("user \"{}\" is not in admin_users or stats_users", logged_in.user));
         return answer_fatal(&app, &mut stream, addr, who, e).await;
     };
     tracing::info!(client = %addr, db = %logged_in.database, user = %logged_in.user, ?role, "login to the admin console");
-    let _registered = app.ops.clients.register(addr, stream.local_addr().ok(), &logged_in.user, &logged_in.database, "", false, None);
+    let _registered =
+        app.ops.clients.register(addr, stream.local_addr().ok(), &logged_in.user, &logged_in.database, "", stream.is_tls(), None);
     let mut greeting = logged_in.greeting;
     encode::put_backend_key_data(&mut greeting, 0, rand::random());
     match crate::admin::console::serve(app.clone(), &mut stream, rbuf, role, greeting).await {

@@ -9,9 +9,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::net::Stream;
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::app::{App, Shutdown};
@@ -41,7 +41,7 @@ enum Io {
 
 pub struct Session {
     pub app: Arc<App>,
-    pub client: TcpStream,
+    pub client: Stream,
     pub rbuf: BytesMut,
     pub pool: Arc<Pool>,
     pub mode: PoolMode,
@@ -66,7 +66,7 @@ pub struct Session {
 impl Session {
     pub fn new(
         app: Arc<App>,
-        client: TcpStream,
+        client: Stream,
         rbuf: BytesMut,
         pool: Arc<Pool>,
         mode: PoolMode,

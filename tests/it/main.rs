@@ -6,4 +6,5 @@ mod auth;
 mod ops;
 mod pooling;
 mod resilience;
+mod tls;
 mod wire;
