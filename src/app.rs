@@ -47,6 +47,8 @@ pub struct App {
     pub statements: crate::frontend::statements::Registry,
     pub counters: Counters,
     pub shutdown: watch::Sender<Shutdown>,
+    /// Admin console state: live clients, pause, error counts, the settings a reload starts from.
+    pub ops: crate::admin::Ops,
 }
 
 impl App {
@@ -59,6 +61,7 @@ impl App {
             statements: Default::default(),
             counters: Counters::default(),
             shutdown: watch::channel(Shutdown::Running).0,
+            ops: Default::default(),
         })
     }
 
@@ -98,9 +101,17 @@ impl App {
             None => (user.name.clone(), credential_of(&user.secret)),
         };
         let max_prepared = std::num::NonZeroUsize::new(cfg.max_prepared_statements).unwrap_or(std::num::NonZeroUsize::MIN);
-        let target =
-            ServerTarget { host: db.host.clone(), port: db.port, dbname: db.dbname.clone(), user: login_user, credential, max_prepared };
+        let target = ServerTarget {
+            host: db.host.clone(),
+            port: db.port,
+            dbname: db.dbname.clone(),
+            user: login_user,
+            credential,
+            max_prepared,
+            tls: cfg.server_tls.clone(),
+        };
         let pool = Pool::new(key.clone(), target, pool_settings(&cfg, db, user));
+        crate::admin::init_pool(self, &pool);
         Ok(self.pools.lock().entry(key).or_insert(pool).clone())
     }
 
@@ -140,21 +151,22 @@ pub fn pool_settings(cfg: &Config, db: &Database, user: &User) -> PoolSettings {
 impl App {
     /// Swaps in a validated new configuration. Pools pick up new sizes and timeouts at once; the returned notes
     /// name keys that only a restart applies.
-    pub fn reload(&self, new: Config) -> Vec<String> {
+    pub fn reload(&self, mut new: Config) -> Vec<String> {
         let old = self.config.load_full();
         let mut notes = vec![];
-        for (key, changed) in [
-            ("listen", old.listen != new.listen),
-            ("admin_listen", old.admin_listen != new.admin_listen),
-            ("workers", old.workers != new.workers),
-            ("log_format", old.log_format != new.log_format),
-        ] {
-            if changed {
+        let (old_rows, new_rows) = (crate::admin::settings_view::rows(&old), crate::admin::settings_view::rows(&new));
+        for ((key, before, _, live), (_, after, _, _)) in old_rows.iter().zip(&new_rows) {
+            if !live && before != after {
                 notes.push(format!("{key} changed in the file but needs a restart; the running value stays"));
             }
         }
+        (new.listen, new.admin_listen, new.workers, new.log_format) =
+            (old.listen.clone(), old.admin_listen.clone(), old.workers, old.log_format);
         for pool in self.pools() {
             let (Some(db), Some(user)) = (new.databases.get(&pool.key.database), new.users.get(&pool.key.user)) else { continue };
+            if old.databases.get(&pool.key.database).is_some_and(|o| (&o.host, o.port, &o.dbname) != (&db.host, db.port, &db.dbname)) {
+                notes.push(format!("databases.{}: the upstream changed; its open pool keeps the old one until a restart", db.name));
+            }
             pool.update_settings(pool_settings(&new, db, user));
         }
         self.config.store(Arc::new(new));

@@ -3,11 +3,13 @@
 //! the pool until the forwarded cancel has been delivered, so it never lands on the next client's query.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 use crate::protocol::encode;
 
@@ -27,17 +29,79 @@ pub struct CancelSlot {
     pub waiting_cancel: tokio::sync::Notify,
     /// Held by a cancel in flight; the session takes it to change targets, so it waits for the delivery.
     target: tokio::sync::Mutex<Option<Arc<CancelTarget>>>,
+    /// What the client is doing, for SHOW CLIENTS: kept by `set`/`try_set`/`mark_waiting`, one relaxed store each.
+    state: AtomicU8,
+    /// When the client started waiting for a server connection, in µs since `created`.
+    wait_started_us: AtomicU64,
+    created: Instant,
+}
+
+pub struct WaitingGuard<'a>(&'a CancelSlot);
+
+impl Drop for WaitingGuard<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.state.compare_exchange(1, 0, Ordering::Relaxed, Ordering::Relaxed);
+    }
+}
+
+/// A client's state as the admin console shows it (PgBouncer's names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientState {
+    /// Logged in, no server connection.
+    Idle,
+    /// Waiting in a pool's queue.
+    Waiting,
+    /// Holding a server connection.
+    Active,
+}
+
+impl ClientState {
+    pub fn name(self) -> &'static str {
+        match self {
+            ClientState::Idle => "idle",
+            ClientState::Waiting => "waiting",
+            ClientState::Active => "active",
+        }
+    }
 }
 
 impl CancelSlot {
     pub async fn set(&self, t: Option<Arc<CancelTarget>>) {
+        self.note(t.is_some());
         *self.target.lock().await = t;
+    }
+
+    fn note(&self, active: bool) {
+        self.state.store(if active { 2 } else { 0 }, Ordering::Relaxed);
+    }
+
+    /// The session is about to wait for a server connection; the guard marks it idle again if the wait ends
+    /// without one (timeout, cancel).
+    pub fn waiting(&self) -> WaitingGuard<'_> {
+        self.wait_started_us.store(self.created.elapsed().as_micros() as u64, Ordering::Relaxed);
+        self.state.store(1, Ordering::Relaxed);
+        WaitingGuard(self)
+    }
+
+    pub fn state(&self) -> ClientState {
+        match self.state.load(Ordering::Relaxed) {
+            1 => ClientState::Waiting,
+            2 => ClientState::Active,
+            _ => ClientState::Idle,
+        }
+    }
+
+    /// How long since `mark_waiting` (meaningful while waiting).
+    pub fn waiting_for(&self, now: Instant) -> std::time::Duration {
+        let since = self.created + std::time::Duration::from_micros(self.wait_started_us.load(Ordering::Relaxed));
+        now.saturating_duration_since(since)
     }
 
     /// Non-waiting version for the hot path: succeeds unless a cancel is being delivered right now.
     pub fn try_set(&self, t: Option<Arc<CancelTarget>>) -> Result<(), Option<Arc<CancelTarget>>> {
         match self.target.try_lock() {
             Ok(mut g) => {
+                self.note(t.is_some());
                 *g = t;
                 Ok(())
             }
@@ -69,7 +133,14 @@ impl CancelRegistry {
     /// Registers a new client and returns its key (random, unique among live clients).
     pub fn register(&self) -> CancelGuard<'_> {
         let secret: u32 = rand::random();
-        let slot = Arc::new(CancelSlot { secret, waiting_cancel: tokio::sync::Notify::new(), target: tokio::sync::Mutex::new(None) });
+        let slot = Arc::new(CancelSlot {
+            secret,
+            waiting_cancel: tokio::sync::Notify::new(),
+            target: tokio::sync::Mutex::new(None),
+            state: AtomicU8::new(0),
+            wait_started_us: AtomicU64::new(0),
+            created: Instant::now(),
+        });
         let mut slots = self.slots.lock();
         let pid = loop {
             let pid: u32 = rand::random::<u32>() & 0x7fff_ffff;

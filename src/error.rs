@@ -43,6 +43,12 @@ pub enum Error {
     InsufficientPrivilege(String),
     #[error("{0}")]
     NotSupported(String),
+    /// A console command pgsurge does not know (42601 like a syntax error).
+    #[error("{0}")]
+    Syntax(String),
+    /// A reload refused: the running configuration stays.
+    #[error("{0}")]
+    Config(String),
     #[error("client connection: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -72,6 +78,8 @@ impl Error {
             Error::IdleInTransactionTimeout => "25P03",
             Error::InsufficientPrivilege(_) => "42501",
             Error::NotSupported(_) => "0A000",
+            Error::Syntax(_) => "42601",
+            Error::Config(_) => "F0000",
             Error::Io(_) => "08006",
         }
     }
@@ -83,6 +91,8 @@ impl Error {
             | Error::Canceled(_)
             | Error::InsufficientPrivilege(_)
             | Error::NotSupported(_)
+            | Error::Syntax(_)
+            | Error::Config(_)
             | Error::UpstreamConnect { .. } => Severity::Error,
             Error::Server(e) if e.severity == "ERROR" => Severity::Error,
             _ => Severity::Fatal,

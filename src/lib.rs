@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 #![warn(clippy::dbg_macro, clippy::todo)]
 
+pub mod admin;
 pub mod app;
 pub mod auth;
 pub mod backend;
@@ -11,8 +12,10 @@ pub mod cancel;
 pub mod config;
 pub mod error;
 pub mod frontend;
+pub mod net;
 pub mod protocol;
 pub mod sql;
+pub mod tls;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -26,11 +29,20 @@ pub use config::Config;
 /// Serves clients on `listener` until `app.shutdown` says stop; then drains (SIGTERM semantics: transactions in
 /// flight may finish within `shutdown_timeout`) and returns once every client is gone.
 pub async fn run(app: Arc<App>, listener: TcpListener) -> std::io::Result<()> {
+    serve(app, listener, None).await
+}
+
+/// `run`, plus the admin HTTP endpoint (/metrics, /healthz, /readyz) on `admin` while pgsurge runs.
+pub async fn serve(app: Arc<App>, listener: TcpListener, admin: Option<TcpListener>) -> std::io::Result<()> {
     tracing::info!(listen = %listener.local_addr()?, "pgsurge accepting connections");
+    let http = admin.map(|l| tokio::spawn(admin::http::serve(app.clone(), l)));
     let janitor = tokio::spawn(janitor(app.clone()));
     frontend::listener::accept_loop(app.clone(), listener).await;
     drain(&app).await;
     janitor.abort();
+    if let Some(h) = http {
+        h.abort();
+    }
     Ok(())
 }
 

@@ -16,9 +16,11 @@ fn main() -> ExitCode {
         }
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("PGSURGE_LOG").unwrap_or_else(|_| "info".into());
+    // Logs go to stderr; colours only when a person is watching it.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     match config.log_format {
-        LogFormat::Json => tracing_subscriber::fmt().json().with_env_filter(filter).init(),
-        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
+        LogFormat::Json => tracing_subscriber::fmt().json().with_env_filter(filter).with_writer(std::io::stderr).init(),
+        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).init(),
     }
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     if config.workers > 0 {
@@ -42,13 +44,20 @@ fn main() -> ExitCode {
 
 async fn serve(cli: Settings, config: Config) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(&config.listen).await?;
+    let admin = match &config.admin_listen {
+        Some(a) => {
+            Some(tokio::net::TcpListener::bind(a).await.map_err(|e| std::io::Error::new(e.kind(), format!("admin_listen {a}: {e}")))?)
+        }
+        None => None,
+    };
     let app = App::new(config);
-    tokio::spawn(signals(app.clone(), cli));
-    pgsurge::run(app, listener).await
+    app.set_settings(cli);
+    tokio::spawn(signals(app.clone()));
+    pgsurge::serve(app, listener, admin).await
 }
 
 /// SIGTERM drains, SIGINT stops now, SIGHUP reloads the config.
-async fn signals(app: std::sync::Arc<App>, cli: Settings) {
+async fn signals(app: std::sync::Arc<App>) {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int), Ok(mut hup)) =
         (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup()))
@@ -66,15 +75,12 @@ async fn signals(app: std::sync::Arc<App>, cli: Settings) {
                 tracing::info!("SIGINT: fast shutdown");
                 app.shutdown.send_replace(Shutdown::Immediate);
             }
-            _ = hup.recv() => match Config::load(cli.clone()) {
-                Ok(c) => {
-                    for note in app.reload(c) {
-                        tracing::warn!("{note}");
-                    }
-                    tracing::info!("configuration reloaded");
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading the configuration");
+                if let Err(e) = app.reload_from_settings() {
+                    tracing::error!(error = %e, "reload refused; the running configuration stays");
                 }
-                Err(e) => tracing::error!(error = %e, "reload refused; the running configuration stays"),
-            },
+            }
         }
     }
 }

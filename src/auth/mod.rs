@@ -2,5 +2,6 @@
 //! upstream, including passthrough with a client's keys), and md5.
 
 pub mod md5;
+pub mod query;
 pub mod scram;
 pub mod secret;

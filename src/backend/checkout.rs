@@ -66,6 +66,7 @@ impl Drop for Checkout {
                 let pool = self.pool.clone();
                 // The permit stays taken until the reset ends, so the pool never exceeds its size.
                 let permit = self.permit.take();
+                let id = conn.id;
                 match tokio::runtime::Handle::try_current() {
                     Ok(h) => {
                         h.spawn(async move {
@@ -74,7 +75,7 @@ impl Drop for Checkout {
                                 Ok(Some(c)) => pool.checkin(c),
                                 Ok(None) | Err(_) => {
                                     pool.stats.closed_dirty.fetch_add(1, Ordering::Relaxed);
-                                    pool.total_servers.fetch_sub(1, Ordering::Relaxed);
+                                    pool.closed(id);
                                 }
                             }
                             drop(permit);

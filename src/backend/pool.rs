@@ -48,6 +48,40 @@ pub struct PoolStats {
     /// Sessions holding their server connection because of LISTEN, temp tables, locks, ... (now / ever).
     pub pinned: AtomicUsize,
     pub pins_total: AtomicU64,
+    /// Checkout wait times by `WAIT_BUCKETS_US` upper bound (not cumulative; the last is +Inf).
+    pub wait_hist: [AtomicU64; WAIT_BUCKETS_US.len() + 1],
+}
+
+/// Upper bounds of the wait-time histogram buckets, in µs (exported in seconds).
+pub const WAIT_BUCKETS_US: [u64; 12] =
+    [100, 500, 1_000, 5_000, 10_000, 50_000, 100_000, 500_000, 1_000_000, 5_000_000, 10_000_000, 30_000_000];
+
+impl PoolStats {
+    fn record_wait(&self, us: u64) {
+        let i = WAIT_BUCKETS_US.iter().position(|&b| us <= b).unwrap_or(WAIT_BUCKETS_US.len());
+        self.wait_hist[i].fetch_add(1, Ordering::Relaxed);
+        self.wait_us_total.fetch_add(us, Ordering::Relaxed);
+    }
+}
+
+/// What SHOW SERVERS lists of one server connection (kept from connect to close, not touched per query).
+#[derive(Debug, Clone)]
+pub struct ServerInfo {
+    pub id: u64,
+    pub connect_time: std::time::SystemTime,
+    pub local_addr: Option<std::net::SocketAddr>,
+    pub remote: String,
+    pub backend_pid: u32,
+    pub tls: bool,
+}
+
+/// Decrements the wait-queue length however the wait ends (the checkout future may be dropped on cancel).
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 struct Backoff {
@@ -73,6 +107,9 @@ pub struct Pool {
     next_id: AtomicU64,
     pub total_servers: AtomicUsize,
     pub stats: PoolStats,
+    /// `PAUSE`: while true, new checkouts wait (they do not fail).
+    paused: tokio::sync::watch::Sender<bool>,
+    servers: Mutex<std::collections::BTreeMap<u64, ServerInfo>>,
 }
 
 const BACKOFF_START: Duration = Duration::from_millis(50);
@@ -94,6 +131,8 @@ impl Pool {
             next_id: AtomicU64::new(1),
             total_servers: AtomicUsize::new(0),
             stats: PoolStats::default(),
+            paused: tokio::sync::watch::channel(false).0,
+            servers: Mutex::new(Default::default()),
         })
     }
 
@@ -144,13 +183,31 @@ impl Pool {
         self.size.load(Ordering::Relaxed)
     }
 
-    /// Waits (FIFO) up to `wait` for a server connection.
+    pub fn set_paused(&self, paused: bool) {
+        self.paused.send_replace(paused);
+    }
+
+    pub fn is_paused(&self) -> bool {
+        *self.paused.borrow()
+    }
+
+    /// Server connections open now, with the ids of the idle ones.
+    pub fn servers(&self) -> (Vec<ServerInfo>, std::collections::HashSet<u64>) {
+        let idle = self.idle.lock().iter().map(|c| c.id).collect();
+        (self.servers.lock().values().cloned().collect(), idle)
+    }
+
+    /// Waits (FIFO) up to `wait` for a server connection. While the pool is paused the wait does not count.
     pub async fn checkout(self: &Arc<Self>, wait: Duration) -> Result<Checkout> {
         let started = Instant::now();
-        let deadline = started + wait;
         self.stats.waiting.fetch_add(1, Ordering::Relaxed);
+        let waiting = Waiting(&self.stats.waiting);
+        if self.is_paused() {
+            let _ = self.paused.subscribe().wait_for(|p| !*p).await;
+        }
+        let deadline = Instant::now() + wait;
         let permit = tokio::time::timeout_at(deadline, self.permits.clone().acquire_owned()).await;
-        self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+        drop(waiting);
         let permit = match permit {
             Ok(Ok(p)) => p,
             _ => return Err(self.wait_error(wait)),
@@ -159,8 +216,7 @@ impl Pool {
             Some(c) => c,
             None => self.connect_until(deadline, wait).await?,
         };
-        let waited = started.elapsed();
-        self.stats.wait_us_total.fetch_add(waited.as_micros() as u64, Ordering::Relaxed);
+        self.stats.record_wait(started.elapsed().as_micros() as u64);
         self.stats.checkouts.fetch_add(1, Ordering::Relaxed);
         Ok(Checkout::new(conn, self.clone(), permit))
     }
@@ -225,6 +281,15 @@ impl Pool {
                     self.stats.connects.fetch_add(1, Ordering::Relaxed);
                     self.total_servers.fetch_add(1, Ordering::Relaxed);
                     self.login_params.lock().get_or_insert_with(|| c.reported.clone());
+                    let info = ServerInfo {
+                        id: c.id,
+                        connect_time: std::time::SystemTime::now(),
+                        local_addr: c.stream.local_addr().ok(),
+                        remote: target.addr(),
+                        backend_pid: c.cancel_target.pid,
+                        tls: c.stream.is_tls(),
+                    };
+                    self.servers.lock().insert(c.id, info);
                     return Ok(c);
                 }
                 Err(e) => {
@@ -266,10 +331,7 @@ impl Pool {
     pub fn purge_dead_idle(&self) {
         let dead: Vec<ServerConn> = {
             let mut idle = self.idle.lock();
-            let (alive, dead) = idle.drain(..).partition(|c: &ServerConn| {
-                let mut probe = [0u8; 1];
-                matches!(c.stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
-            });
+            let (alive, dead) = idle.drain(..).partition(|c: &ServerConn| c.stream.looks_alive());
             *idle = alive;
             dead
         };
@@ -280,8 +342,14 @@ impl Pool {
 
     /// Closes a server connection for good.
     pub(super) fn forget(&self, c: ServerConn) {
-        self.total_servers.fetch_sub(1, Ordering::Relaxed);
+        self.closed(c.id);
         drop(c);
+    }
+
+    /// Accounts for a server connection that is gone.
+    pub(super) fn closed(&self, id: u64) {
+        self.total_servers.fetch_sub(1, Ordering::Relaxed);
+        self.servers.lock().remove(&id);
     }
 
     /// Periodic upkeep: closes connections idle too long and opens up to `min_pool_size`.

@@ -13,6 +13,7 @@ use crate::auth::md5;
 use crate::auth::scram::{ClientCredential, ScramClient, MECHANISM};
 use crate::cancel::CancelTarget;
 use crate::error::{Error, Result};
+use crate::net::Stream;
 use crate::protocol::codes::*;
 use crate::protocol::view::{self, ErrorView};
 use crate::protocol::{encode, FrameSplitter};
@@ -39,6 +40,7 @@ pub struct ServerTarget {
     pub credential: UpstreamCredential,
     /// Named statements kept prepared per server connection.
     pub max_prepared: std::num::NonZeroUsize,
+    pub tls: crate::tls::ServerTls,
 }
 
 impl ServerTarget {
@@ -54,7 +56,7 @@ impl ServerTarget {
 /// A logged-in server connection, owned by the pool while idle and by one client session while checked out.
 pub struct ServerConn {
     pub id: u64,
-    pub stream: TcpStream,
+    pub stream: Stream,
     /// Bytes read from the server and not yet forwarded; survives `select!` cancellation.
     pub rbuf: BytesMut,
     /// The server's own BackendKeyData and address, for forwarding a client's cancel.
@@ -83,8 +85,9 @@ impl ServerConn {
 
     async fn connect_inner(id: u64, target: &ServerTarget) -> Result<ServerConn> {
         let io_err = |e: std::io::Error| Error::UpstreamConnect { addr: target.addr(), reason: e.to_string() };
-        let mut stream = TcpStream::connect((target.host.as_str(), target.port)).await.map_err(io_err)?;
-        stream.set_nodelay(true).map_err(io_err)?;
+        let tcp = TcpStream::connect((target.host.as_str(), target.port)).await.map_err(io_err)?;
+        tcp.set_nodelay(true).map_err(io_err)?;
+        let mut stream = crate::tls::connect_upstream(tcp, &target.host, &target.tls).await.map_err(io_err)?;
         stream.write_all(&encode::startup(&[("user", &target.user), ("database", &target.dbname)])).await.map_err(io_err)?;
         let mut conn = ServerConn {
             id,
@@ -117,7 +120,7 @@ impl ServerConn {
         }
     }
 
-    async fn send(&mut self, b: &[u8]) -> Result<()> {
+    pub async fn send(&mut self, b: &[u8]) -> Result<()> {
         self.stream.write_all(b).await.map_err(|e| Error::UpstreamLost(e.to_string()))
     }
 
@@ -212,11 +215,8 @@ impl ServerConn {
 
     /// True if the idle connection looks alive: nothing to read and not closed. One non-blocking syscall.
     pub fn looks_alive(&mut self) -> bool {
-        let mut probe = [0u8; 1];
-        match self.stream.try_read(&mut probe) {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => self.rbuf.is_empty(),
-            _ => false, // EOF, an error, or unexpected bytes (e.g. a FATAL after an admin shutdown)
-        }
+        // Not alive on EOF, an error, or unexpected bytes (e.g. a FATAL after an admin shutdown).
+        self.stream.looks_alive() && self.rbuf.is_empty()
     }
 }
 

@@ -79,6 +79,14 @@ pub struct Config {
     pub max_prepared_statements: usize,
     pub workers: usize,
     pub log_format: LogFormat,
+    pub admin_users: Vec<String>,
+    pub stats_users: Vec<String>,
+    /// auth_query: (user, password) pgsurge looks secrets up as; None disables the lookup.
+    pub auth_user: Option<(String, Option<String>)>,
+    pub auth_query: String,
+    pub client_tls_mode: crate::tls::ClientTlsMode,
+    pub client_tls: Option<crate::tls::Shared<rustls::ServerConfig>>,
+    pub server_tls: crate::tls::ServerTls,
     pub databases: BTreeMap<String, Database>,
     pub users: BTreeMap<String, User>,
 }
@@ -132,6 +140,9 @@ impl Config {
         if let Some(a) = &admin_listen {
             check_addr("admin_listen", a)?;
         }
+
+        let (client_tls_mode, client_tls) = client_tls(&s)?;
+        let server_tls = server_tls(&s)?;
 
         let mut users = BTreeMap::new();
         let mut databases = BTreeMap::new();
@@ -212,10 +223,61 @@ impl Config {
             max_prepared_statements: s.max_prepared_statements.unwrap_or(256).max(1),
             workers: s.workers.unwrap_or(0),
             log_format,
+            admin_users: list(&s.admin_users),
+            stats_users: list(&s.stats_users),
+            auth_user: s.auth_user.clone().filter(|u| !u.is_empty()).map(|u| (u, s.auth_password.clone())),
+            auth_query: s.auth_query.clone().unwrap_or_else(|| DEFAULT_AUTH_QUERY.into()),
+            client_tls_mode,
+            client_tls,
+            server_tls,
             databases,
             users,
         })
     }
+}
+
+/// PgBouncer's default lookup; needs a superuser, or use a SECURITY DEFINER function (see README).
+pub const DEFAULT_AUTH_QUERY: &str = "SELECT usename, passwd FROM pg_shadow WHERE usename=$1";
+
+type ClientTls = (crate::tls::ClientTlsMode, Option<crate::tls::Shared<rustls::ServerConfig>>);
+
+fn client_tls(s: &Settings) -> Result<ClientTls, ConfigError> {
+    use crate::tls::ClientTlsMode as M;
+    let config = match (&s.client_tls_cert, &s.client_tls_key) {
+        (Some(c), Some(k)) => Some(crate::tls::Shared(std::sync::Arc::new(crate::tls::server_config(c, k).map_err(bad)?))),
+        (None, None) => None,
+        _ => return Err(bad("client_tls_cert and client_tls_key go together")),
+    };
+    let mode = match s.client_tls_mode.as_deref() {
+        None => {
+            if config.is_some() {
+                M::Allow
+            } else {
+                M::Disable
+            }
+        }
+        Some("disable") => M::Disable,
+        Some("allow") => M::Allow,
+        Some("require") => M::Require,
+        Some(o) => return Err(bad(format!("client_tls_mode must be disable, allow or require, not {o:?}"))),
+    };
+    if mode != M::Disable && config.is_none() {
+        return Err(bad("client_tls_mode allow/require needs client_tls_cert and client_tls_key"));
+    }
+    Ok((mode, config))
+}
+
+fn server_tls(s: &Settings) -> Result<crate::tls::ServerTls, ConfigError> {
+    let name = s.server_tls_mode.as_deref().unwrap_or("prefer");
+    let mode = crate::tls::SslMode::parse(name)
+        .ok_or_else(|| bad(format!("server_tls_mode must be disable, prefer, require, verify-ca or verify-full, not {name:?}")))?;
+    let config = crate::tls::client_config(mode, s.server_tls_ca_file.as_deref()).map_err(bad)?;
+    Ok(crate::tls::ServerTls { mode, config: config.map(|c| crate::tls::Shared(std::sync::Arc::new(c))) })
+}
+
+/// A comma-separated list of names.
+fn list(s: &Option<String>) -> Vec<String> {
+    s.as_deref().unwrap_or("").split(',').map(str::trim).filter(|x| !x.is_empty()).map(String::from).collect()
 }
 
 fn read_file(path: &Path) -> Result<Settings, ConfigError> {

@@ -132,6 +132,36 @@ settings! {
     /// text | json.
     #[arg(long, env = "PGSURGE_LOG_FORMAT")]
     log_format: String,
+    /// Users allowed every admin console command (comma-separated; they must be known users).
+    #[arg(long, env = "PGSURGE_ADMIN_USERS")]
+    admin_users: String,
+    /// Users allowed the console's SHOW commands only (comma-separated).
+    #[arg(long, env = "PGSURGE_STATS_USERS")]
+    stats_users: String,
+    /// auth_query: the upstream user that looks up the SCRAM secrets of users not in the config.
+    #[arg(long, env = "PGSURGE_AUTH_USER")]
+    auth_user: String,
+    /// Password of `auth_user` (else its entry among the users).
+    #[arg(long, env = "PGSURGE_AUTH_PASSWORD")]
+    auth_password: String,
+    /// The lookup `auth_user` runs; $1 is the user name; returns (name, secret).
+    #[arg(long, env = "PGSURGE_AUTH_QUERY")]
+    auth_query: String,
+    /// PEM certificate chain pgsurge shows clients that ask for TLS.
+    #[arg(long, env = "PGSURGE_CLIENT_TLS_CERT")]
+    client_tls_cert: PathBuf,
+    /// PEM private key of client_tls_cert.
+    #[arg(long, env = "PGSURGE_CLIENT_TLS_KEY")]
+    client_tls_key: PathBuf,
+    /// disable | allow | require (allow when a certificate is given, else disable).
+    #[arg(long, env = "PGSURGE_CLIENT_TLS_MODE")]
+    client_tls_mode: String,
+    /// TLS to Postgres, as libpq's sslmode: disable | prefer | require | verify-ca | verify-full.
+    #[arg(long, env = "PGSURGE_SERVER_TLS_MODE", alias = "sslmode")]
+    server_tls_mode: String,
+    /// PEM CA certificates that verify-ca / verify-full check the server against.
+    #[arg(long, env = "PGSURGE_SERVER_TLS_CA_FILE")]
+    server_tls_ca_file: PathBuf,
 }
 
 /// Subcommands beside the proxy itself.

@@ -5,9 +5,9 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use crate::net::Stream;
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use crate::app::App;
 use crate::auth::md5;
@@ -41,11 +41,13 @@ pub const ADMIN_DATABASES: &[&str] = &["pgsurge", "pgbouncer"];
 
 pub struct Handshake<'a> {
     pub app: &'a Arc<App>,
-    pub stream: &'a mut TcpStream,
+    pub stream: &'a mut Stream,
     pub rbuf: &'a mut BytesMut,
     pub addr: SocketAddr,
     /// Keys a client proved against a stored SCRAM secret, for logging in upstream as it.
     pub passthrough: Option<ClientCredential>,
+    /// (user, database) once the startup packet named them, for the log line of a refused connection.
+    pub who: &'a mut Option<(String, String)>,
 }
 
 impl Handshake<'_> {
@@ -86,7 +88,8 @@ impl Handshake<'_> {
     pub async fn run(mut self) -> Result<Option<LoggedIn>> {
         let (version, params) = loop {
             match self.read_startup().await? {
-                StartupPacket::SslRequest | StartupPacket::GssEncRequest => self.stream.write_all(b"N").await?,
+                StartupPacket::SslRequest => self.ssl_request().await?,
+                StartupPacket::GssEncRequest => self.stream.write_all(b"N").await?,
                 StartupPacket::Cancel { pid, secret } => {
                     self.app.cancels.cancel(pid, &secret).await;
                     return Ok(None);
@@ -94,6 +97,9 @@ impl Handshake<'_> {
                 StartupPacket::Startup { version, params } => break (version, params),
             }
         };
+        if self.app.config.load().client_tls_mode == crate::tls::ClientTlsMode::Require && !self.stream.is_tls() {
+            return Err(Error::AuthRejected("pgsurge requires TLS from clients (client_tls_mode = require)".into()));
+        }
         let unrecognized: Vec<&str> = params.iter().map(|(k, _)| k.as_str()).filter(|k| k.starts_with("_pq_.")).collect();
         if version != PROTOCOL_3_0 || !unrecognized.is_empty() {
             self.stream.write_all(&encode::negotiate_protocol_version(0, &unrecognized)).await?;
@@ -103,6 +109,7 @@ impl Handshake<'_> {
             .filter(|u| !u.is_empty())
             .ok_or_else(|| Error::AuthRejected("no PostgreSQL user name specified in startup packet".into()))?;
         let database = get("database").filter(|d| !d.is_empty()).unwrap_or_else(|| user.clone());
+        *self.who = Some((user.clone(), database.clone()));
         if get("replication").is_some_and(|r| r != "false" && r != "0" && r != "off") {
             return Err(Error::NotSupported("replication connections are not supported through pgsurge".into()));
         }
@@ -112,7 +119,10 @@ impl Handshake<'_> {
         }
         let is_admin_db = ADMIN_DATABASES.contains(&database.as_str());
         let db = if is_admin_db { None } else { Some(self.app.database(&database)?) };
-        let known = cfg.users.get(&user).cloned();
+        let mut known = cfg.users.get(&user).cloned();
+        if let (None, Some(db)) = (&known, &db) {
+            known = self.app.auth_query_user(db, &user).await?;
+        }
         self.authenticate(&user, known.as_ref()).await?;
         let user_cfg = known.ok_or_else(|| Error::AuthFailed(user.clone()))?;
         let client_settings = crate::frontend::params::from_startup(&params);
@@ -160,6 +170,22 @@ impl Handshake<'_> {
 }
 
 impl Handshake<'_> {
+    /// SSLRequest: 'S' and the TLS handshake when client TLS is on, else 'N'.
+    async fn ssl_request(&mut self) -> Result<()> {
+        let cfg = self.app.config.load_full();
+        let config = match (&cfg.client_tls, cfg.client_tls_mode) {
+            (Some(c), crate::tls::ClientTlsMode::Allow | crate::tls::ClientTlsMode::Require) if !self.stream.is_tls() => c,
+            _ => return Ok(self.stream.write_all(b"N").await?),
+        };
+        // Bytes sent after SSLRequest before the handshake would be read as if they came encrypted: refuse.
+        if !self.rbuf.is_empty() {
+            return Err(Error::Protocol("data received after SSLRequest before the TLS handshake".into()));
+        }
+        self.stream.write_all(b"S").await?;
+        crate::tls::accept(self.stream, config).await?;
+        Ok(())
+    }
+
     /// Checks the client's password with the method configured for its user. Unknown users go through the
     /// same exchange against a throwaway verifier, so they cannot be told apart from a wrong password.
     async fn authenticate(&mut self, user: &str, known: Option<&User>) -> Result<()> {

@@ -10,8 +10,9 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::app::{App, Shutdown};
 use crate::error::{Error, Severity};
-use crate::frontend::handshake::{Handshake, Target};
+use crate::frontend::handshake::{Handshake, LoggedIn, Target};
 use crate::frontend::session::Session;
+use crate::net::Stream;
 use crate::protocol::codes::TxStatus;
 use crate::protocol::encode;
 
@@ -49,32 +50,41 @@ impl Drop for ClientCount {
     }
 }
 
-async fn serve_client(app: Arc<App>, mut stream: TcpStream, addr: SocketAddr) {
+async fn serve_client(app: Arc<App>, stream: TcpStream, addr: SocketAddr) {
+    let mut stream = Stream::from(stream);
     app.counters.clients.fetch_add(1, Ordering::Relaxed);
     app.counters.clients_total.fetch_add(1, Ordering::Relaxed);
     let _count = ClientCount(app.clone());
     let _ = stream.set_nodelay(true);
     let mut rbuf = BytesMut::with_capacity(8 * 1024);
     let login_timeout = app.config.load().client_login_timeout;
-    let hs = Handshake { app: &app, stream: &mut stream, rbuf: &mut rbuf, addr, passthrough: None };
+    let mut who = None;
+    let hs = Handshake { app: &app, stream: &mut stream, rbuf: &mut rbuf, addr, passthrough: None, who: &mut who };
     let logged_in = match tokio::time::timeout(login_timeout, hs.run()).await {
         Ok(Ok(Some(l))) => l,
         Ok(Ok(None)) => return,
-        Ok(Err(e)) => return answer_fatal(&app, &mut stream, addr, e).await,
+        Ok(Err(e)) => return answer_fatal(&app, &mut stream, addr, who, e).await,
         Err(_) => {
-            return answer_fatal(&app, &mut stream, addr, Error::Protocol("client did not finish login within client_login_timeout".into()))
-                .await
+            let e = Error::Protocol("client did not finish login within client_login_timeout".into());
+            return answer_fatal(&app, &mut stream, addr, who, e).await;
         }
     };
-    tracing::info!(client = %addr, db = %logged_in.database, user = %logged_in.user, "login");
     let (pool, db) = match logged_in.target {
         Target::Pool(pool, db) => (pool, db),
-        Target::Admin => {
-            let e = Error::NotSupported("the admin console is not available in this build".into());
-            return answer_fatal(&app, &mut stream, addr, e).await;
-        }
+        Target::Admin => return admin_console(app, stream, rbuf, addr, logged_in).await,
     };
+    tracing::info!(client = %addr, db = %logged_in.database, user = %logged_in.user, "login");
     let cancel = app.cancels.register();
+    let app_name = logged_in.params.get("application_name").map(String::as_str).unwrap_or("");
+    let _registered = app.ops.clients.register(
+        addr,
+        stream.local_addr().ok(),
+        &logged_in.user,
+        &logged_in.database,
+        app_name,
+        stream.is_tls(),
+        Some(cancel.slot.clone()),
+    );
     let mut greeting = logged_in.greeting;
     encode::put_backend_key_data(&mut greeting, cancel.pid, cancel.secret);
     encode::put_ready_for_query(&mut greeting, TxStatus::Idle);
@@ -91,6 +101,7 @@ async fn serve_client(app: Arc<App>, mut stream: TcpStream, addr: SocketAddr) {
                 app.counters.protocol_errors.fetch_add(1, Ordering::Relaxed);
             }
             tracing::info!(client = %addr, error = %e, "session ended with an error");
+            app.ops.errors.count(e.sqlstate());
             let mut out = BytesMut::new();
             e.write_with(&mut out, Severity::Fatal);
             let _ = session.client.write_all(&out).await;
@@ -99,15 +110,41 @@ async fn serve_client(app: Arc<App>, mut stream: TcpStream, addr: SocketAddr) {
     tracing::info!(client = %addr, db = %logged_in.database, user = %logged_in.user, "disconnect");
 }
 
-async fn answer_fatal(app: &App, stream: &mut TcpStream, addr: SocketAddr, e: Error) {
+async fn answer_fatal(app: &App, stream: &mut Stream, addr: SocketAddr, who: Option<(String, String)>, e: Error) {
     if matches!(e, Error::Io(_)) {
         return;
     }
     if matches!(e, Error::Protocol(_)) {
         app.counters.protocol_errors.fetch_add(1, Ordering::Relaxed);
     }
-    tracing::info!(client = %addr, error = %e, "connection refused");
+    app.ops.errors.count(e.sqlstate());
+    let (user, db) = who.unwrap_or_default();
+    tracing::info!(client = %addr, db, user, code = e.sqlstate(), error = %e, "connection refused");
     let mut out = BytesMut::new();
     e.write_with(&mut out, Severity::Fatal);
     let _ = stream.write_all(&out).await;
+}
+
+/// A client of the virtual database `pgsurge`/`pgbouncer`: admin and stats users get the console, others 42501.
+async fn admin_console(app: Arc<App>, mut stream: Stream, rbuf: BytesMut, addr: SocketAddr, logged_in: LoggedIn) {
+    let who = Some((logged_in.user.clone(), logged_in.database.clone()));
+    let Some(role) = crate::admin::role_of(&app.config.load(), &logged_in.user) else {
+        let e = Error::InsufficientPrivilege(format!("user \"{}\" is not in admin_users or stats_users", logged_in.user));
+        return answer_fatal(&app, &mut stream, addr, who, e).await;
+    };
+    tracing::info!(client = %addr, db = %logged_in.database, user = %logged_in.user, ?role, "login to the admin console");
+    let _registered =
+        app.ops.clients.register(addr, stream.local_addr().ok(), &logged_in.user, &logged_in.database, "", stream.is_tls(), None);
+    let mut greeting = logged_in.greeting;
+    encode::put_backend_key_data(&mut greeting, 0, rand::random());
+    match crate::admin::console::serve(app.clone(), &mut stream, rbuf, role, greeting).await {
+        Ok(()) | Err(Error::Io(_)) => {}
+        Err(e) => {
+            app.ops.errors.count(e.sqlstate());
+            let mut out = BytesMut::new();
+            e.write_with(&mut out, Severity::Fatal);
+            let _ = stream.write_all(&out).await;
+        }
+    }
+    tracing::info!(client = %addr, db = %logged_in.database, user = %logged_in.user, "disconnect");
 }

@@ -9,9 +9,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::net::Stream;
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::app::{App, Shutdown};
@@ -42,7 +42,7 @@ enum Io {
 
 pub struct Session {
     pub app: Arc<App>,
-    pub client: TcpStream,
+    pub client: Stream,
     pub rbuf: BytesMut,
     pub pool: Arc<Pool>,
     pub mode: PoolMode,
@@ -78,7 +78,7 @@ pub struct Session {
 impl Session {
     pub fn new(
         app: Arc<App>,
-        client: TcpStream,
+        client: Stream,
         rbuf: BytesMut,
         pool: Arc<Pool>,
         mode: PoolMode,
@@ -339,6 +339,7 @@ impl Session {
 
     /// Checks out a server connection and brings its session settings in line with this client's.
     async fn acquire(&mut self) -> Result<()> {
+        let _waiting = self.cancel.waiting();
         let checkout = tokio::select! {
             r = self.pool.checkout(self.wait_timeout) => r?,
             _ = self.cancel.waiting_cancel.notified() => return Err(Error::Canceled("user request")),
@@ -366,6 +367,7 @@ impl Session {
     /// Answers the frames in `rbuf[..at]` with `err` as Postgres would: the error, then ReadyForQuery at the
     /// first Query or Sync; without one, drop messages until the client's Sync arrives.
     async fn fail_request(&mut self, err: Error, at: usize) -> Result<()> {
+        self.app.ops.errors.count(err.sqlstate());
         let mut out = BytesMut::new();
         err.write_to(&mut out);
         let mut pos = 0;
@@ -637,6 +639,9 @@ fn note_pins(pins: &mut HashSet<Pin>, fx: &[Effect], pool: &Pool) {
                 pins.remove(&Pin::TempObject);
             }
             Effect::DiscardAll => pins.clear(),
+            Effect::ResetAll => {
+                pins.remove(&Pin::OpaqueSetting);
+            }
             _ => {}
         }
     }

@@ -81,20 +81,60 @@ pub fn effects(sql: &str) -> Vec<Effect> {
         statement_effects(node, text, &mut out);
     }
     if functions {
-        let a = super::analyze(sql);
-        for f in &a.functions {
-            let name = f.rsplit('.').next().unwrap_or(f).to_ascii_lowercase();
-            match name.as_str() {
-                "pg_advisory_lock" | "pg_advisory_lock_shared" | "pg_try_advisory_lock" | "pg_try_advisory_lock_shared" => {
-                    out.push(Effect::Pin(Pin::AdvisoryLock))
-                }
-                "pg_advisory_unlock_all" => out.push(Effect::AdvisoryUnlockAll),
-                "set_config" => out.push(Effect::Pin(Pin::OpaqueSetting)),
-                _ => {}
+        for (node, ..) in parsed.protobuf.nodes() {
+            if let pg_query::NodeRef::FuncCall(f) = node {
+                function_effects(f, &mut out);
             }
         }
     }
     out
+}
+
+fn const_str(n: &protobuf::Node) -> Option<&str> {
+    match n.node.as_ref()? {
+        NodeEnum::AConst(protobuf::AConst { val: Some(protobuf::a_const::Val::Sval(s)), .. }) => Some(&s.sval),
+        _ => None,
+    }
+}
+
+fn const_bool(n: &protobuf::Node) -> Option<bool> {
+    match n.node.as_ref()? {
+        NodeEnum::AConst(protobuf::AConst { val: Some(protobuf::a_const::Val::Boolval(b)), .. }) => Some(b.boolval),
+        NodeEnum::TypeCast(c) => c.arg.as_deref().and_then(const_bool),
+        _ => None,
+    }
+}
+
+/// Session effects of a function call: session advisory locks pin; `set_config(name, value, false)` is a SET.
+fn function_effects(f: &protobuf::FuncCall, out: &mut Vec<Effect>) {
+    let name = f.funcname.last().and_then(const_name).unwrap_or_default().to_ascii_lowercase();
+    match name.as_str() {
+        "pg_advisory_lock" | "pg_advisory_lock_shared" | "pg_try_advisory_lock" | "pg_try_advisory_lock_shared" => {
+            out.push(Effect::Pin(Pin::AdvisoryLock))
+        }
+        "pg_advisory_unlock_all" => out.push(Effect::AdvisoryUnlockAll),
+        "set_config" => {
+            let args = &f.args;
+            let local = args.get(2).and_then(const_bool);
+            let setting = args.first().and_then(const_str).map(str::to_ascii_lowercase);
+            match (setting, args.get(1).and_then(const_str), local) {
+                (_, _, Some(true)) => {} // lasts only for the transaction
+                (Some(n), Some(v), Some(false)) => out.push(Effect::Set { sql: crate::frontend::params::set_config_sql(&n, v), name: n }),
+                // A value pgsurge cannot see (a parameter): the setting holds on this connection only; other
+                // server connections keep the client's previous value, and this one is reset before reuse.
+                (Some(n), None, Some(false)) => out.push(Effect::Unapplied { name: n }),
+                _ => out.push(Effect::Pin(Pin::OpaqueSetting)),
+            }
+        }
+        _ => {}
+    }
+}
+
+fn const_name(n: &protobuf::Node) -> Option<&str> {
+    match n.node.as_ref()? {
+        NodeEnum::String(s) => Some(&s.sval),
+        _ => None,
+    }
 }
 
 fn temp(rel: &Option<protobuf::RangeVar>) -> bool {
@@ -179,5 +219,17 @@ mod tests {
         assert_eq!(effects("PREPARE p AS SELECT 1"), vec![Effect::Pin(Pin::SqlPrepare("p".into()))]);
         assert_eq!(effects("DEALLOCATE ALL"), vec![Effect::Deallocate(None)]);
         assert_eq!(effects("DISCARD ALL"), vec![Effect::DiscardAll]);
+    }
+
+    #[test]
+    fn set_config_is_a_set_unless_local_or_opaque() {
+        // asyncpg's type introspection: SELECT current_setting('jit'), set_config('jit', 'off', false)
+        assert_eq!(
+            effects("SELECT current_setting('jit') AS cur, set_config('jit', 'off', false) AS new"),
+            vec![Effect::Set { name: "jit".into(), sql: "SELECT pg_catalog.set_config('jit', 'off', false)".into() }]
+        );
+        assert_eq!(effects("SELECT set_config('jit', $1, false)"), vec![Effect::Unapplied { name: "jit".into() }]);
+        assert_eq!(effects("SELECT set_config('jit', 'off', true)"), vec![]);
+        assert_eq!(effects("SELECT set_config($1, $2, $3)"), vec![Effect::Pin(Pin::OpaqueSetting)]);
     }
 }

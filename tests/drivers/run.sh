@@ -12,6 +12,9 @@
 #   env DRIVERS="psycopg asyncpg pg postgresjs jdbc pgbench"  runs only the named drivers (this order)
 #   env DRIVER_TIMEOUT=120  seconds allowed to each driver process before it is killed (a failure)
 #   env DRIVERS_VERBOSE=1   stack traces of failures on stderr
+#   env POOL_SIZE=2         server connections of the pooler under test: sections where a client
+#                           holds a transaction open while another of its connections must query
+#                           run at most POOL_SIZE-1 at a time (else a deadlock by construction)
 #
 # Drivers: Python psycopg 3 (sync API, server-side prepared statements, pipeline mode,
 # psycopg_pool), Python asyncpg (pool of 20), Node pg (pg.Pool of 20, named statements,

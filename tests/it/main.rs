@@ -3,6 +3,8 @@
 mod harness;
 
 mod auth;
+mod ops;
 mod pooling;
 mod resilience;
+mod tls;
 mod wire;

@@ -1,0 +1,52 @@
+//! The running configuration as (key, value, default, applies-on-reload) rows for SHOW CONFIG.
+
+use std::time::Duration;
+
+use super::show::mode_name;
+use crate::config::{AuthMethod, Config, LogFormat};
+
+fn dur(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+/// Keys whose new value a reload cannot apply (they are reported, and the running value stays).
+pub const RESTART_KEYS: &[&str] = &["listen", "admin_listen", "workers", "log_format"];
+
+pub fn rows(c: &Config) -> Vec<(&'static str, String, &'static str, bool)> {
+    let auth = match c.auth_type {
+        AuthMethod::ScramSha256 => "scram-sha-256",
+        AuthMethod::Md5 => "md5",
+        AuthMethod::Trust => "trust",
+    };
+    let log = match c.log_format {
+        LogFormat::Text => "text",
+        LogFormat::Json => "json",
+    };
+    let v: Vec<(&'static str, String, &'static str)> = vec![
+        ("listen", c.listen.clone(), "127.0.0.1:6432"),
+        ("admin_listen", c.admin_listen.clone().unwrap_or_default(), "127.0.0.1:9930"),
+        ("pool_mode", mode_name(c.pool_mode).into(), "transaction"),
+        ("pool_size", c.pool_size.to_string(), "20"),
+        ("min_pool_size", c.min_pool_size.to_string(), "0"),
+        ("max_client_conn", c.max_client_conn.to_string(), "10000"),
+        ("query_wait_timeout", dur(c.query_wait_timeout), "30s"),
+        ("server_connect_timeout", dur(c.server_connect_timeout), "5s"),
+        ("server_lifetime", dur(c.server_lifetime), "1h"),
+        ("server_idle_timeout", dur(c.server_idle_timeout), "10m"),
+        ("server_check_delay", dur(c.server_check_delay), "1s"),
+        ("client_login_timeout", dur(c.client_login_timeout), "1m"),
+        ("shutdown_timeout", dur(c.shutdown_timeout), "30s"),
+        ("auth_type", auth.into(), "scram-sha-256"),
+        ("max_message_size", c.max_message_size.to_string(), "268435456"),
+        ("max_prepared_statements", c.max_prepared_statements.to_string(), "256"),
+        ("workers", c.workers.to_string(), "0"),
+        ("log_format", log.into(), "text"),
+        ("admin_users", c.admin_users.join(","), ""),
+        ("stats_users", c.stats_users.join(","), ""),
+        ("auth_user", c.auth_user.as_ref().map(|u| u.0.clone()).unwrap_or_default(), ""),
+        ("auth_query", c.auth_query.clone(), crate::config::DEFAULT_AUTH_QUERY),
+        ("client_tls_mode", format!("{:?}", c.client_tls_mode).to_ascii_lowercase(), "disable (allow with a certificate)"),
+        ("server_tls_mode", c.server_tls.mode.name().into(), "prefer"),
+    ];
+    v.into_iter().map(|(k, val, d)| (k, val, d, !RESTART_KEYS.contains(&k))).collect()
+}

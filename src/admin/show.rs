@@ -1,0 +1,340 @@
+//! The console's SHOW commands: a function table, so a feature adds its own (`SHOW CACHE`, `SHOW LIMITS`, …)
+//! with one line here and a `fn(&App) -> Table`. Column names follow PgBouncer's where the concept is the same.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::time::SystemTime;
+
+use tokio::time::Instant;
+
+use super::table::{null, Table};
+use crate::app::App;
+use crate::cancel::ClientState;
+use crate::config::{AuthMethod, PoolMode};
+use crate::row;
+
+/// One SHOW command.
+pub struct Show {
+    /// Upper case, as typed after SHOW.
+    pub name: &'static str,
+    pub run: fn(&App) -> Table,
+}
+
+/// Every SHOW the console answers.
+pub const SHOWS: &[Show] = &[
+    Show { name: "POOLS", run: pools },
+    Show { name: "STATS", run: stats },
+    Show { name: "CLIENTS", run: clients },
+    Show { name: "SERVERS", run: servers },
+    Show { name: "DATABASES", run: databases },
+    Show { name: "USERS", run: users },
+    Show { name: "CONFIG", run: config },
+    Show { name: "LISTS", run: lists },
+    Show { name: "VERSION", run: version },
+];
+
+pub fn mode_name(m: PoolMode) -> &'static str {
+    match m {
+        PoolMode::Transaction => "transaction",
+        PoolMode::Session => "session",
+    }
+}
+
+fn time(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// Per (database, user): clients by state and the longest current wait.
+#[derive(Default)]
+pub struct ClientCounts {
+    pub active: usize,
+    pub idle: usize,
+    pub waiting: usize,
+    pub maxwait: std::time::Duration,
+}
+
+pub fn client_counts(app: &App) -> BTreeMap<(String, String), ClientCounts> {
+    let now = Instant::now();
+    let mut m: BTreeMap<(String, String), ClientCounts> = BTreeMap::new();
+    for c in app.ops.clients.snapshot() {
+        if c.is_admin() {
+            continue;
+        }
+        let e = m.entry((c.database.clone(), c.user.clone())).or_default();
+        match c.state() {
+            ClientState::Active => e.active += 1,
+            ClientState::Idle => e.idle += 1,
+            ClientState::Waiting => {
+                e.waiting += 1;
+                e.maxwait = e.maxwait.max(c.waiting_for(now));
+            }
+        }
+    }
+    m
+}
+
+fn pools(app: &App) -> Table {
+    let mut t = Table::new(&[
+        "database",
+        "user",
+        "cl_active",
+        "cl_waiting",
+        "cl_idle",
+        "sv_active",
+        "sv_idle",
+        "sv_used",
+        "sv_login",
+        "maxwait",
+        "maxwait_us",
+        "pool_mode",
+        "pool_size",
+        "paused",
+    ]);
+    let counts = client_counts(app);
+    let cfg = app.config.load();
+    for p in app.pools() {
+        let c = counts.get(&(p.key.database.clone(), p.key.user.clone()));
+        let (active, idle, wait) = c.map(|c| (c.active, c.idle, c.maxwait)).unwrap_or_default();
+        // Waiting is counted by the pool itself (also covers the login checkout).
+        let waiting = p.stats.waiting.load(Ordering::Relaxed);
+        let sv_idle = p.idle_count();
+        let sv_active = p.stats.active.load(Ordering::Relaxed);
+        let mode = cfg.databases.get(&p.key.database).map(|d| mode_name(d.pool_mode)).unwrap_or("");
+        t.row(row![
+            &p.key.database,
+            &p.key.user,
+            active,
+            waiting,
+            idle,
+            sv_active,
+            sv_idle,
+            0,
+            p.total_servers.load(Ordering::Relaxed).saturating_sub(sv_active + sv_idle),
+            wait.as_secs(),
+            wait.subsec_micros(),
+            mode,
+            p.size(),
+            p.is_paused() as u8,
+        ]);
+    }
+    t
+}
+
+fn stats(app: &App) -> Table {
+    let mut t = Table::new(&[
+        "database",
+        "total_server_assignment_count",
+        "total_xact_count",
+        "total_query_count",
+        "total_received",
+        "total_sent",
+        "total_wait_time",
+        "total_wait_timeouts",
+        "total_server_connects",
+        "total_server_connect_failures",
+    ]);
+    let mut by_db: BTreeMap<String, [u64; 9]> = BTreeMap::new();
+    for p in app.pools() {
+        let s = &p.stats;
+        let e = by_db.entry(p.key.database.clone()).or_default();
+        for (i, v) in [
+            s.checkouts.load(Ordering::Relaxed),
+            s.transactions.load(Ordering::Relaxed),
+            s.queries.load(Ordering::Relaxed),
+            s.bytes_to_server.load(Ordering::Relaxed),
+            s.bytes_to_client.load(Ordering::Relaxed),
+            s.wait_us_total.load(Ordering::Relaxed),
+            s.wait_timeouts.load(Ordering::Relaxed),
+            s.connects.load(Ordering::Relaxed),
+            s.connect_failures.load(Ordering::Relaxed),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            e[i] += v;
+        }
+    }
+    for (db, v) in by_db {
+        t.row(row![db, v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8]]);
+    }
+    t
+}
+
+fn clients(app: &App) -> Table {
+    let mut t = Table::new(&[
+        "type",
+        "user",
+        "database",
+        "state",
+        "addr",
+        "port",
+        "local_addr",
+        "local_port",
+        "connect_time",
+        "wait",
+        "wait_us",
+        "id",
+        "tls",
+        "application_name",
+    ]);
+    let now = Instant::now();
+    for c in app.ops.clients.snapshot() {
+        let w = c.waiting_for(now);
+        t.row(row![
+            "C",
+            &c.user,
+            &c.database,
+            c.state().name(),
+            c.addr.ip(),
+            c.addr.port(),
+            c.local_addr.map(|a| a.ip().to_string()).unwrap_or_default(),
+            c.local_addr.map(|a| a.port()).unwrap_or(0),
+            time(c.connect_time),
+            w.as_secs(),
+            w.subsec_micros(),
+            c.id,
+            if c.tls { "TLS" } else { "" },
+            &c.application_name,
+        ]);
+    }
+    t
+}
+
+fn servers(app: &App) -> Table {
+    let mut t = Table::new(&[
+        "type",
+        "user",
+        "database",
+        "state",
+        "addr",
+        "port",
+        "local_addr",
+        "local_port",
+        "connect_time",
+        "id",
+        "remote_pid",
+        "tls",
+    ]);
+    for p in app.pools() {
+        let target = p.target();
+        let (list, idle) = p.servers();
+        for s in list {
+            t.row(row![
+                "S",
+                &target.user,
+                &p.key.database,
+                if idle.contains(&s.id) { "idle" } else { "active" },
+                &target.host,
+                target.port,
+                s.local_addr.map(|a| a.ip().to_string()).unwrap_or_default(),
+                s.local_addr.map(|a| a.port()).unwrap_or(0),
+                time(s.connect_time),
+                s.id,
+                s.backend_pid,
+                if s.tls { "TLS" } else { "" },
+            ]);
+        }
+    }
+    t
+}
+
+fn databases(app: &App) -> Table {
+    let mut t = Table::new(&[
+        "name",
+        "host",
+        "port",
+        "database",
+        "force_user",
+        "pool_size",
+        "min_pool_size",
+        "pool_mode",
+        "current_connections",
+        "paused",
+        "disabled",
+    ]);
+    let cfg = app.config.load();
+    let pools = app.pools();
+    for d in cfg.databases.values() {
+        let current: usize = pools.iter().filter(|p| p.key.database == d.name).map(|p| p.total_servers.load(Ordering::Relaxed)).sum();
+        let force_user = match &d.user {
+            Some((u, _)) => u.into(),
+            None => null(),
+        };
+        t.row(vec![
+            d.name.clone().into(),
+            d.host.clone().into(),
+            d.port.into(),
+            d.dbname.clone().into(),
+            force_user,
+            d.pool_size.into(),
+            cfg.min_pool_size.min(d.pool_size).into(),
+            mode_name(d.pool_mode).into(),
+            current.into(),
+            (app.ops.is_paused(&d.name) as u8).into(),
+            0.into(),
+        ]);
+    }
+    t
+}
+
+fn users(app: &App) -> Table {
+    let mut t = Table::new(&["name", "pool_size", "auth_type", "current_client_connections", "admin"]);
+    let cfg = app.config.load();
+    let mut per_user: BTreeMap<String, usize> = BTreeMap::new();
+    for c in app.ops.clients.snapshot() {
+        *per_user.entry(c.user.clone()).or_default() += 1;
+    }
+    for u in cfg.users.values() {
+        let auth = match u.auth {
+            AuthMethod::ScramSha256 => "scram-sha-256",
+            AuthMethod::Md5 => "md5",
+            AuthMethod::Trust => "trust",
+        };
+        let role = match super::role_of(&cfg, &u.name) {
+            Some(super::Role::Admin) => "admin",
+            Some(super::Role::Stats) => "stats",
+            None => "",
+        };
+        let size = match u.pool_size {
+            Some(n) => n.into(),
+            None => null(),
+        };
+        t.row(vec![u.name.clone().into(), size, auth.into(), per_user.get(&u.name).copied().unwrap_or(0).into(), role.into()]);
+    }
+    t
+}
+
+fn lists(app: &App) -> Table {
+    let mut t = Table::new(&["list", "items"]);
+    let cfg = app.config.load();
+    let pools = app.pools();
+    let clients = app.ops.clients.snapshot();
+    let servers: usize = pools.iter().map(|p| p.total_servers.load(Ordering::Relaxed)).sum();
+    let idle: usize = pools.iter().map(|p| p.idle_count()).sum();
+    for (k, v) in [
+        ("databases", cfg.databases.len()),
+        ("users", cfg.users.len()),
+        ("pools", pools.len()),
+        ("used_clients", clients.len()),
+        ("login_clients", app.client_count().saturating_sub(clients.len())),
+        ("used_servers", servers.saturating_sub(idle)),
+        ("free_servers", idle),
+    ] {
+        t.row(row![k, v]);
+    }
+    t
+}
+
+pub fn version(_: &App) -> Table {
+    let mut t = Table::new(&["version"]);
+    t.row(row![format!("pgsurge {}", env!("CARGO_PKG_VERSION"))]);
+    t
+}
+
+fn config(app: &App) -> Table {
+    let mut t = Table::new(&["key", "value", "default", "changeable"]);
+    for (k, v, d, c) in super::settings_view::rows(&app.config.load()) {
+        t.row(row![k, v, d, if c { "yes" } else { "no" }]);
+    }
+    t
+}
