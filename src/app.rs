@@ -46,12 +46,16 @@ pub struct App {
     /// Named prepared statements of every client, by text and parameter types.
     pub statements: crate::frontend::statements::Registry,
     pub counters: Counters,
+    /// Rate limits, connection caps and shared budgets (src/limit); rules swapped on reload.
+    pub limits: Arc<crate::limit::Limiter>,
     pub shutdown: watch::Sender<Shutdown>,
 }
 
 impl App {
     pub fn new(config: Config) -> Arc<App> {
+        let limits = crate::limit::Limiter::new(&config.limits);
         Arc::new(App {
+            limits,
             config: ArcSwap::from_pointee(config),
             pools: Mutex::new(HashMap::new()),
             verifiers: Mutex::new(HashMap::new()),
@@ -101,6 +105,7 @@ impl App {
         let target =
             ServerTarget { host: db.host.clone(), port: db.port, dbname: db.dbname.clone(), user: login_user, credential, max_prepared };
         let pool = Pool::new(key.clone(), target, pool_settings(&cfg, db, user));
+        pool.set_budgets(self.limits.budgets_for(&db.name, &user.name));
         Ok(self.pools.lock().entry(key).or_insert(pool).clone())
     }
 
@@ -153,9 +158,11 @@ impl App {
                 notes.push(format!("{key} changed in the file but needs a restart; the running value stays"));
             }
         }
+        self.limits.reload(&new.limits);
         for pool in self.pools() {
             let (Some(db), Some(user)) = (new.databases.get(&pool.key.database), new.users.get(&pool.key.user)) else { continue };
             pool.update_settings(pool_settings(&new, db, user));
+            pool.set_budgets(self.limits.budgets_for(&db.name, &user.name));
         }
         self.config.store(Arc::new(new));
         notes

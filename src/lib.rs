@@ -11,6 +11,7 @@ pub mod cancel;
 pub mod config;
 pub mod error;
 pub mod frontend;
+pub mod limit;
 pub mod protocol;
 pub mod sql;
 
@@ -53,6 +54,7 @@ async fn janitor(app: Arc<App>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
+        app.limits.maintain();
         for pool in app.pools() {
             pool.maintain().await;
         }

@@ -68,6 +68,8 @@ pub struct Pool {
     /// ParameterStatus values clients receive at login, learned from the first server connection.
     login_params: Mutex<Option<Vec<(String, String)>>>,
     next_id: AtomicU64,
+    /// Shared caps this pool also draws from (`max_db_connections`, `max_user_connections`), if any.
+    budgets: arc_swap::ArcSwapOption<crate::limit::Budgets>,
     pub total_servers: AtomicUsize,
     pub stats: PoolStats,
 }
@@ -89,6 +91,7 @@ impl Pool {
             backoff: Mutex::new(Backoff { failing: false, delay: BACKOFF_START, next_attempt: Instant::now(), last_error: None }),
             login_params: Mutex::new(None),
             next_id: AtomicU64::new(1),
+            budgets: Default::default(),
             total_servers: AtomicUsize::new(0),
             stats: PoolStats::default(),
         })
@@ -141,8 +144,18 @@ impl Pool {
         self.size.load(Ordering::Relaxed)
     }
 
+    pub fn set_budgets(&self, b: Option<Arc<crate::limit::Budgets>>) {
+        self.budgets.store(b);
+    }
+
     /// Waits (FIFO) up to `wait` for a server connection.
     pub async fn checkout(self: &Arc<Self>, wait: Duration) -> Result<Checkout> {
+        self.checkout_for(wait, None).await
+    }
+
+    /// Waits up to `wait` for a server connection: FIFO within this pool, then, if the pool shares a budget,
+    /// round-robin across `fair` keys (default: this pool's user).
+    pub async fn checkout_for(self: &Arc<Self>, wait: Duration, fair: Option<&crate::limit::Key>) -> Result<Checkout> {
         let started = Instant::now();
         let deadline = started + wait;
         self.stats.waiting.fetch_add(1, Ordering::Relaxed);
@@ -152,6 +165,23 @@ impl Pool {
             Ok(Ok(p)) => p,
             _ => return Err(self.wait_error(wait)),
         };
+        let budget = match self.budgets.load_full() {
+            None => None,
+            Some(b) => {
+                let own;
+                let key = match fair {
+                    Some(k) => k,
+                    None => {
+                        own = crate::limit::Key::from(self.key.user.as_str());
+                        &own
+                    }
+                };
+                self.stats.waiting.fetch_add(1, Ordering::Relaxed);
+                let got = b.acquire(key, deadline).await;
+                self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+                Some(got.ok_or_else(|| self.wait_error(wait))?)
+            }
+        };
         let conn = match self.take_idle() {
             Some(c) => c,
             None => self.connect_until(deadline, wait).await?,
@@ -159,7 +189,9 @@ impl Pool {
         let waited = started.elapsed();
         self.stats.wait_us_total.fetch_add(waited.as_micros() as u64, Ordering::Relaxed);
         self.stats.checkouts.fetch_add(1, Ordering::Relaxed);
-        Ok(Checkout::new(conn, self.clone(), permit))
+        let mut co = Checkout::new(conn, self.clone(), permit);
+        co.budget = budget;
+        Ok(co)
     }
 
     /// Pops the warmest idle connection that is still good; closes the ones that are not.

@@ -81,6 +81,8 @@ pub struct Config {
     pub log_format: LogFormat,
     pub databases: BTreeMap<String, Database>,
     pub users: BTreeMap<String, User>,
+    /// Rate limits, connection caps, fairness and timeouts (src/limit).
+    pub limits: crate::limit::LimitConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -193,7 +195,9 @@ impl Config {
         if users.is_empty() {
             return Err(bad("no users: give --upstream with a user and password, --auth-file, or [users] sections"));
         }
+        let limits = crate::limit::LimitConfig::build(&s)?;
         Ok(Config {
+            limits,
             listen,
             admin_listen,
             pool_mode,
