@@ -3,6 +3,7 @@
 mod harness;
 
 mod auth;
+mod limits;
 mod pooling;
 mod resilience;
 mod wire;
