@@ -56,12 +56,14 @@ RAW=$BENCH_DIR/results/noisy-$TS.tsv
 {
   echo "# command: $BENCH_CMD"
   machine_facts
-  printf 'scenario\tb_tps\tb_p50_ms\tb_p99_ms\tb_tx\tb_failed\ta_tps\ta_tx\ta_failed\n'
+  printf 'scenario\tb_tps\tb_p50_ms\tb_p99_ms\tb_tx\tb_failed\ta_tps\ta_tx\ta_failed\ta_aborted_clients\n'
 } >"$RAW"
+# an interrupted run that measured nothing leaves no raw file behind
+BENCH_ON_EXIT='grep -q "^[a-z].*	[0-9]" "$RAW" 2>/dev/null || rm -f "$RAW"'
 
 # run_scenario NAME B_URL [A_URL]: B for DURATION s, A (if given) from 1 s before to 1 s after.
 run_scenario() {
-  local name=$1 burl=$2 aurl=${3:-} apid="" a_tps=NA a_tx=NA a_failed=NA stats
+  local name=$1 burl=$2 aurl=${3:-} apid="" a_tps=NA a_tx=NA a_failed=NA a_aborted=NA stats
   if [ -n "$aurl" ]; then
     "$PGBENCH" -n -c "$A_CLIENTS" -j 2 -T $((DURATION + 2)) -f "$WORKDIR/a.sql" "$aurl" >"$WORKDIR/a-$name.log" 2>&1 &
     apid=$!
@@ -74,6 +76,8 @@ run_scenario() {
     a_tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$WORKDIR/a-$name.log" | head -n1)
     a_tx=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$WORKDIR/a-$name.log")
     a_failed=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' "$WORKDIR/a-$name.log")
+    # pgbench ends a client at its first error (e.g. 53400 from a rate limit)
+    a_aborted=$(grep -c "aborted in command" "$WORKDIR/a-$name.log")
   fi
   stats=$(python3 - "$WORKDIR" "b-$name" <<'PY'
 import glob, sys
@@ -92,12 +96,13 @@ PY
   b_tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$WORKDIR/b-$name.log" | head -n1)
   b_tx=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$WORKDIR/b-$name.log")
   b_failed=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' "$WORKDIR/b-$name.log")
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "${b_tps:-NA}" "$stats" "${b_tx:-NA}" "${b_failed:-0}" \
-    "${a_tps:-NA}" "${a_tx:-NA}" "${a_failed:-0}" >>"$RAW"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "${b_tps:-NA}" "$stats" "${b_tx:-NA}" "${b_failed:-0}" \
+    "${a_tps:-NA}" "${a_tx:-NA}" "${a_failed:-0}" "$a_aborted" >>"$RAW"
   log "$name: B tps ${b_tps:-NA} p50/p99 $(echo "$stats" | tr '\t' '/') ms; A tps $a_tps"
 }
 
 surge() { # name, extra pgsurge flags...: restart pgsurge with these flags
+  shift
   [ -n "${SURGE_PID:-}" ] && kill "$SURGE_PID" 2>/dev/null && wait "$SURGE_PID" 2>/dev/null
   pgsurge_start "$POOL" transaction --auth-file "$WORKDIR/users.txt" "$@"
   SURGE_B="postgres://b:b@127.0.0.1:$SURGE_PORT/app"
@@ -109,7 +114,9 @@ run_scenario pgbouncer "postgres://b:b@127.0.0.1:$PGB_PORT/app" "$PGB_URL"
 run_scenario pgsurge-nolimits "$SURGE_B" "$SURGE_URL"
 surge fifo --max-db-connections "$POOL" --fairness address
 run_scenario pgsurge-shared-fifo "$SURGE_B" "$SURGE_URL"
-surge fair --max-db-connections "$POOL" --fairness user --config "$WORKDIR/limits.toml"
+surge fair --max-db-connections "$POOL" --fairness user
+run_scenario pgsurge-fair-only "$SURGE_B" "$SURGE_URL"
+surge fair-limited --max-db-connections "$POOL" --fairness user --config "$WORKDIR/limits.toml"
 run_scenario pgsurge-fair "$SURGE_B" "$SURGE_URL"
 
 python3 - "$RAW" "$RESULTS" "$BENCH_DIR" "$DURATION" "$POOL" "$A_CLIENTS" "$B_CLIENTS" "$A_QPS" <<'PY'
@@ -129,6 +136,7 @@ what = {
     "pgbouncer": f"A + B through PgBouncer (`default_pool_size={pool}`, `max_db_connections={pool}`)",
     "pgsurge-nolimits": f"A + B through pgsurge, no limits (`--pool-size {pool}`: a pool per user)",
     "pgsurge-shared-fifo": f"A + B through pgsurge, `--max-db-connections {pool}` served FIFO (`--fairness address`, one address)",
+    "pgsurge-fair-only": f"A + B through pgsurge, fairness on (`--max-db-connections {pool} --fairness user`, no rate limit)",
     "pgsurge-fair": f"A + B through pgsurge, limits and fairness on (`--max-db-connections {pool} --fairness user`, A limited to {aqps} qps)",
 }
 solo = next((float(r[3]) for r in rows if r[0] == "solo"), None)
@@ -141,14 +149,15 @@ out = ["<!-- noisy:begin -->", "## Noisy neighbour: a flooding user beside a poi
        f"user B (`b`) runs `pgbench -n -c {bc} -j 2 -T {dur} -l -f b.sql` with a random `pgbench_accounts` point lookup "
        f"(scale 10), starting 1 s after A; {pool} server connections; SCRAM logins; B's latency percentiles from "
        f"pgbench's per-transaction log. Raw: `bench/results/{raw.rsplit('/', 1)[-1]}`", "",
-       "| scenario | B tps | B p50 ms | B p99 ms | B p99 / solo | A tps | failed (B / A) |",
-       "|---|---:|---:|---:|---:|---:|---:|"]
+       "| scenario | B tps | B p50 ms | B p99 ms | B p99 / solo | A tps | failed tx B / A | A clients aborted (of 128) |",
+       "|---|---:|---:|---:|---:|---:|---:|---:|"]
 for r in rows:
-    name, btps, p50, p99, btx, bfail, atps, atx, afail = (r + ["NA"] * 9)[:9]
+    name, btps, p50, p99, btx, bfail, atps, atx, afail, aab = (r + ["NA"] * 10)[:10]
     ratio = f"{float(p99) / solo:.2f}" if solo and p99 not in ("NA", "nan") else "—"
     f = lambda v: f"{float(v):,.0f}" if v not in ("NA", "") else "—"
-    out.append(f"| {what.get(name, name)} | {f(btps)} | {p50} | {p99} | {ratio} | {f(atps)} | {bfail} / {afail if atps != 'NA' else '—'} |")
-out += ["", "Goal (issue 7): with pgsurge's protection B's p99 stays within 2x its solo value.", "<!-- noisy:end -->", ""]
+    out.append(f"| {what.get(name, name)} | {f(btps)} | {p50} | {p99} | {ratio} | {f(atps)} | {bfail} / {afail if atps != 'NA' else '—'} | {aab if aab != 'NA' else '—'} |")
+out += ["", "A client of A that is refused (53400, over its qps) is aborted by pgbench; the others go on.",
+        "Goal (issue 7): with pgsurge's protection B's p99 stays within 2x its solo value.", "<!-- noisy:end -->", ""]
 write_section(results, "\n".join(out), "<!-- noisy:begin -->", "<!-- noisy:end -->")
 PY
 log "wrote ${RESULTS#"$MAIN"/} and ${RAW#"$MAIN"/}"
