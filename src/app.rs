@@ -46,6 +46,8 @@ pub struct App {
     /// Named prepared statements of every client, by text and parameter types.
     pub statements: crate::frontend::statements::Registry,
     pub counters: Counters,
+    /// Rate limits, connection caps and shared budgets (src/limit); rules swapped on reload.
+    pub limits: Arc<crate::limit::Limiter>,
     pub shutdown: watch::Sender<Shutdown>,
     /// Admin console state: live clients, pause, error counts, the settings a reload starts from.
     pub ops: crate::admin::Ops,
@@ -53,7 +55,9 @@ pub struct App {
 
 impl App {
     pub fn new(config: Config) -> Arc<App> {
+        let limits = crate::limit::Limiter::new(&config.limits);
         Arc::new(App {
+            limits,
             config: ArcSwap::from_pointee(config),
             pools: Mutex::new(HashMap::new()),
             verifiers: Mutex::new(HashMap::new()),
@@ -112,6 +116,7 @@ impl App {
         };
         let pool = Pool::new(key.clone(), target, pool_settings(&cfg, db, user));
         crate::admin::init_pool(self, &pool);
+        pool.set_budgets(self.limits.budgets_for(&db.name, &user.name));
         Ok(self.pools.lock().entry(key).or_insert(pool).clone())
     }
 
@@ -162,12 +167,14 @@ impl App {
         }
         (new.listen, new.admin_listen, new.workers, new.log_format) =
             (old.listen.clone(), old.admin_listen.clone(), old.workers, old.log_format);
+        self.limits.reload(&new.limits);
         for pool in self.pools() {
             let (Some(db), Some(user)) = (new.databases.get(&pool.key.database), new.users.get(&pool.key.user)) else { continue };
             if old.databases.get(&pool.key.database).is_some_and(|o| (&o.host, o.port, &o.dbname) != (&db.host, db.port, &db.dbname)) {
                 notes.push(format!("databases.{}: the upstream changed; its open pool keeps the old one until a restart", db.name));
             }
             pool.update_settings(pool_settings(&new, db, user));
+            pool.set_budgets(self.limits.budgets_for(&db.name, &user.name));
         }
         self.config.store(Arc::new(new));
         notes

@@ -97,6 +97,17 @@ impl CancelSlot {
         now.saturating_duration_since(since)
     }
 
+    /// Cancels the query of the server connection this client holds now, if any (query_timeout). Delivered under
+    /// the slot's lock, so the connection cannot be handed to another client meanwhile.
+    pub async fn cancel_current(&self) {
+        let guard = self.target.lock().await;
+        if let Some(t) = guard.as_ref() {
+            if let Err(e) = forward(t).await {
+                tracing::warn!(error = %e, "forwarding a query_timeout cancel failed");
+            }
+        }
+    }
+
     /// Non-waiting version for the hot path: succeeds unless a cancel is being delivered right now.
     pub fn try_set(&self, t: Option<Arc<CancelTarget>>) -> Result<(), Option<Arc<CancelTarget>>> {
         match self.target.try_lock() {

@@ -12,6 +12,7 @@ pub mod cancel;
 pub mod config;
 pub mod error;
 pub mod frontend;
+pub mod limit;
 pub mod net;
 pub mod protocol;
 pub mod sql;
@@ -65,6 +66,7 @@ async fn janitor(app: Arc<App>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
+        app.limits.maintain();
         for pool in app.pools() {
             pool.maintain().await;
         }

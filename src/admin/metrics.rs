@@ -153,5 +153,6 @@ pub fn render(app: &App) -> String {
         o.sample(&format!("{h}_sum"), &[("database", db), ("user", user)], p.stats.wait_us_total.load(Ordering::Relaxed) as f64 / 1e6);
         o.sample(&format!("{h}_count"), &[("database", db), ("user", user)], cum);
     }
+    o.0.push_str(&app.limits.prometheus());
     o.0
 }

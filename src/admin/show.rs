@@ -31,7 +31,14 @@ pub const SHOWS: &[Show] = &[
     Show { name: "CONFIG", run: config },
     Show { name: "LISTS", run: lists },
     Show { name: "VERSION", run: version },
+    Show { name: "LIMITS", run: limits },
 ];
+
+/// Rate limits and shared connection budgets, per key: allowed, delayed, rejected.
+fn limits(app: &App) -> Table {
+    let (columns, rows) = app.limits.show_rows();
+    Table { columns, rows: rows.into_iter().map(|r| r.into_iter().map(Some).collect()).collect() }
+}
 
 pub fn mode_name(m: PoolMode) -> &'static str {
     match m {

@@ -28,13 +28,15 @@ pub struct Checkout {
     conn: Option<ServerConn>,
     pool: Arc<Pool>,
     permit: Option<OwnedSemaphorePermit>,
+    /// Units of shared budgets (max_db_connections / max_user_connections), released with the permit.
+    pub(super) budget: Option<crate::limit::BudgetPermit>,
     pub state: ReleaseState,
 }
 
 impl Checkout {
     pub(super) fn new(conn: ServerConn, pool: Arc<Pool>, permit: OwnedSemaphorePermit) -> Checkout {
         pool.stats.active.fetch_add(1, Ordering::Relaxed);
-        Checkout { conn: Some(conn), pool, permit: Some(permit), state: ReleaseState::Broken }
+        Checkout { conn: Some(conn), pool, permit: Some(permit), budget: None, state: ReleaseState::Broken }
     }
 
     pub fn conn(&mut self) -> &mut ServerConn {
@@ -67,6 +69,7 @@ impl Drop for Checkout {
                 // The permit stays taken until the reset ends, so the pool never exceeds its size.
                 let permit = self.permit.take();
                 let id = conn.id;
+                let budget = self.budget.take();
                 match tokio::runtime::Handle::try_current() {
                     Ok(h) => {
                         h.spawn(async move {
@@ -79,6 +82,7 @@ impl Drop for Checkout {
                                 }
                             }
                             drop(permit);
+                            drop(budget);
                         });
                     }
                     Err(_) => {

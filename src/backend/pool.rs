@@ -105,6 +105,8 @@ pub struct Pool {
     /// ParameterStatus values clients receive at login, learned from the first server connection.
     login_params: Mutex<Option<Vec<(String, String)>>>,
     next_id: AtomicU64,
+    /// Shared caps this pool also draws from (`max_db_connections`, `max_user_connections`), if any.
+    budgets: arc_swap::ArcSwapOption<crate::limit::Budgets>,
     pub total_servers: AtomicUsize,
     pub stats: PoolStats,
     /// `PAUSE`: while true, new checkouts wait (they do not fail).
@@ -129,6 +131,7 @@ impl Pool {
             backoff: Mutex::new(Backoff { failing: false, delay: BACKOFF_START, next_attempt: Instant::now(), last_error: None }),
             login_params: Mutex::new(None),
             next_id: AtomicU64::new(1),
+            budgets: Default::default(),
             total_servers: AtomicUsize::new(0),
             stats: PoolStats::default(),
             paused: tokio::sync::watch::channel(false).0,
@@ -198,7 +201,17 @@ impl Pool {
     }
 
     /// Waits (FIFO) up to `wait` for a server connection. While the pool is paused the wait does not count.
+    pub fn set_budgets(&self, b: Option<Arc<crate::limit::Budgets>>) {
+        self.budgets.store(b);
+    }
+
     pub async fn checkout(self: &Arc<Self>, wait: Duration) -> Result<Checkout> {
+        self.checkout_for(wait, None).await
+    }
+
+    /// Waits up to `wait` for a server connection: FIFO within this pool, then, if the pool shares a budget,
+    /// round-robin across `fair` keys (default: this pool's user).
+    pub async fn checkout_for(self: &Arc<Self>, wait: Duration, fair: Option<&crate::limit::Key>) -> Result<Checkout> {
         let started = Instant::now();
         self.stats.waiting.fetch_add(1, Ordering::Relaxed);
         let waiting = Waiting(&self.stats.waiting);
@@ -212,13 +225,32 @@ impl Pool {
             Ok(Ok(p)) => p,
             _ => return Err(self.wait_error(wait)),
         };
+        let budget = match self.budgets.load_full() {
+            None => None,
+            Some(b) => {
+                let own;
+                let key = match fair {
+                    Some(k) => k,
+                    None => {
+                        own = crate::limit::Key::from(self.key.user.as_str());
+                        &own
+                    }
+                };
+                self.stats.waiting.fetch_add(1, Ordering::Relaxed);
+                let got = b.acquire(key, deadline).await;
+                self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+                Some(got.ok_or_else(|| self.wait_error(wait))?)
+            }
+        };
         let conn = match self.take_idle() {
             Some(c) => c,
             None => self.connect_until(deadline, wait).await?,
         };
         self.stats.record_wait(started.elapsed().as_micros() as u64);
         self.stats.checkouts.fetch_add(1, Ordering::Relaxed);
-        Ok(Checkout::new(conn, self.clone(), permit))
+        let mut co = Checkout::new(conn, self.clone(), permit);
+        co.budget = budget;
+        Ok(co)
     }
 
     /// Pops the warmest idle connection that is still good; closes the ones that are not.

@@ -89,6 +89,8 @@ pub struct Config {
     pub server_tls: crate::tls::ServerTls,
     pub databases: BTreeMap<String, Database>,
     pub users: BTreeMap<String, User>,
+    /// Rate limits, connection caps, fairness and timeouts (src/limit).
+    pub limits: crate::limit::LimitConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -204,7 +206,9 @@ impl Config {
         if users.is_empty() {
             return Err(bad("no users: give --upstream with a user and password, --auth-file, or [users] sections"));
         }
+        let limits = crate::limit::LimitConfig::build(&s)?;
         Ok(Config {
+            limits,
             listen,
             admin_listen,
             pool_mode,

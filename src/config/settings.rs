@@ -49,6 +49,10 @@ macro_rules! settings {
             #[arg(skip)]
             #[serde(default)]
             pub users: BTreeMap<String, UserSettings>,
+            /// `[limits]` table (file only): see src/limit/config.rs and README.md.
+            #[arg(skip)]
+            #[serde(default)]
+            pub limits: crate::limit::LimitSettings,
             /// Subcommand (`demo`); not a config key.
             #[command(subcommand)]
             #[serde(skip)]
@@ -61,6 +65,7 @@ macro_rules! settings {
                 $( if self.$name.is_none() { self.$name = lower.$name; } )*
                 if self.databases.is_empty() { self.databases = lower.databases; }
                 if self.users.is_empty() { self.users = lower.users; }
+                if self.limits == Default::default() { self.limits = lower.limits; }
                 self
             }
         }
@@ -162,6 +167,33 @@ settings! {
     /// PEM CA certificates that verify-ca / verify-full check the server against.
     #[arg(long, env = "PGSURGE_SERVER_TLS_CA_FILE")]
     server_tls_ca_file: PathBuf,
+    /// Queries per second each user may run (0: unlimited; more limits in the [limits] table).
+    #[arg(long, env = "PGSURGE_LIMIT_QPS_PER_USER")]
+    limit_qps_per_user: u32,
+    /// Queries per second each client address may run (0: unlimited).
+    #[arg(long, env = "PGSURGE_LIMIT_QPS_PER_ADDRESS")]
+    limit_qps_per_address: u32,
+    /// Default burst of every rate limit (default: one second's worth of the rate).
+    #[arg(long, env = "PGSURGE_LIMIT_BURST")]
+    limit_burst: u32,
+    /// How long a statement over its rate waits for a token before ERROR 53400 (outside transactions).
+    #[arg(long, env = "PGSURGE_LIMIT_MAX_DELAY")]
+    limit_max_delay: Dur,
+    /// Server connections all pools of one database may hold together, shared round-robin (0: no cap).
+    #[arg(long, env = "PGSURGE_MAX_DB_CONNECTIONS")]
+    max_db_connections: usize,
+    /// Server connections all pools of one user may hold together (0: no cap).
+    #[arg(long, env = "PGSURGE_MAX_USER_CONNECTIONS")]
+    max_user_connections: usize,
+    /// Who waits in turn for a shared connection budget: user | address.
+    #[arg(long, env = "PGSURGE_FAIRNESS")]
+    fairness: String,
+    /// pgsurge cancels a statement running longer than this, ERROR 57014 (0: off).
+    #[arg(long, env = "PGSURGE_QUERY_TIMEOUT")]
+    query_timeout: Dur,
+    /// A client idle inside a transaction longer than this gets FATAL 25P03 (0: off).
+    #[arg(long, env = "PGSURGE_IDLE_TRANSACTION_TIMEOUT")]
+    idle_transaction_timeout: Dur,
 }
 
 /// Subcommands beside the proxy itself.

@@ -26,6 +26,8 @@ pub struct LoggedIn {
     pub database: String,
     pub params: BTreeMap<String, String>,
     pub target: Target,
+    /// The client's place in the connection caps (released on drop) and its query/transaction rates.
+    pub admission: Option<crate::limit::Admission>,
     /// AuthenticationOk and ParameterStatus, not yet written: the session appends BackendKeyData and
     /// ReadyForQuery and sends all in one write.
     pub greeting: BytesMut,
@@ -126,6 +128,11 @@ impl Handshake<'_> {
         self.authenticate(&user, known.as_ref()).await?;
         let user_cfg = known.ok_or_else(|| Error::AuthFailed(user.clone()))?;
         let client_settings = crate::frontend::params::from_startup(&params);
+        // Connection caps and rates: refused here (FATAL 53300) before any server work for this client.
+        let admission = match &db {
+            Some(d) => Some(self.app.limits.admit(&user, &d.name, self.addr.ip())?),
+            None => None,
+        };
 
         let mut out = BytesMut::with_capacity(512);
         out.extend_from_slice(&encode::auth_ok());
@@ -165,7 +172,7 @@ impl Handshake<'_> {
                 Target::Pool(pool, db)
             }
         };
-        Ok(Some(LoggedIn { user, database, params: client_settings, target, greeting: out }))
+        Ok(Some(LoggedIn { user, database, params: client_settings, target, admission, greeting: out }))
     }
 }
 

@@ -93,6 +93,7 @@ async fn serve_client(app: Arc<App>, stream: TcpStream, addr: SocketAddr) {
     }
     let mode = app.pool_mode(&db);
     let mut session = Session::new(app.clone(), stream, rbuf, pool, mode, logged_in.params, cancel.slot.clone());
+    session.admission = logged_in.admission;
     let result = session.run().await;
     match result {
         Ok(()) | Err(Error::Io(_)) => {}

@@ -22,6 +22,7 @@ use crate::error::{Error, Result, Severity};
 use crate::frontend::expect::{Action, Expect, Expectations};
 use crate::frontend::params::{self, Settings};
 use crate::frontend::statements::{self as st, Statement};
+use crate::limit::{Fired, SessionTimers};
 use crate::protocol::codes::*;
 use crate::protocol::encode;
 use crate::protocol::frame::complete_len;
@@ -38,6 +39,7 @@ enum Io {
     Client(std::io::Result<usize>),
     Server(std::io::Result<usize>),
     Shutdown,
+    Timer(Fired),
 }
 
 pub struct Session {
@@ -73,6 +75,10 @@ pub struct Session {
     wait_timeout: Duration,
     cancel: Arc<CancelSlot>,
     shutdown: watch::Receiver<Shutdown>,
+    /// This client's connection caps and rates (src/limit); set after login.
+    pub admission: Option<crate::limit::Admission>,
+    /// query_timeout / idle_transaction_timeout.
+    timers: SessionTimers,
 }
 
 impl Session {
@@ -88,7 +94,10 @@ impl Session {
         let cfg = app.config.load();
         let (max_message, wait_timeout) = (cfg.max_message_size, cfg.query_wait_timeout);
         let shutdown = app.shutdown.subscribe();
+        let timers = SessionTimers::new(&cfg.limits);
         Session {
+            admission: None,
+            timers,
             app,
             client,
             rbuf,
@@ -126,6 +135,9 @@ impl Session {
             if self.process_client().await? == Flow::Exit {
                 return Ok(());
             }
+            let held = self.server.is_some();
+            let quiet = self.expect.is_empty() && !self.unsynced;
+            self.timers.update(held && !self.expect.is_empty(), held && quiet && self.status != TxStatus::Idle);
             let ev = match self.server.as_mut() {
                 Some(co) => {
                     let conn = co.conn();
@@ -134,6 +146,7 @@ impl Session {
                         r = conn.stream.read_buf(&mut conn.rbuf) => Io::Server(r),
                         r = self.client.read_buf(&mut self.rbuf) => Io::Client(r),
                         _ = self.shutdown.changed() => Io::Shutdown,
+                        k = self.timers.fired(), if self.timers.is_armed() => Io::Timer(k),
                     }
                 }
                 None => tokio::select! {
@@ -152,6 +165,12 @@ impl Session {
                         return Err(Error::Shutdown);
                     }
                 }
+                Io::Timer(Fired::Query) => {
+                    // The client then gets Postgres' own 57014; the slot's lock keeps the cancel off other clients.
+                    let slot = self.cancel.clone();
+                    tokio::spawn(async move { slot.cancel_current().await });
+                }
+                Io::Timer(Fired::IdleInTransaction) => return Err(Error::IdleInTransactionTimeout),
             }
         }
     }
@@ -178,6 +197,10 @@ impl Session {
             }
             if at == 0 {
                 return Ok(if terminate { Flow::Exit } else { Flow::Continue });
+            }
+            if let Err(e) = self.check_limits(at).await {
+                self.fail_request(e, at).await?;
+                continue;
             }
             if self.server.is_none() {
                 if *self.shutdown.borrow() != Shutdown::Running {
@@ -341,7 +364,7 @@ impl Session {
     async fn acquire(&mut self) -> Result<()> {
         let _waiting = self.cancel.waiting();
         let checkout = tokio::select! {
-            r = self.pool.checkout(self.wait_timeout) => r?,
+            r = self.pool.checkout_for(self.wait_timeout, self.admission.as_ref().map(|a| &a.fair_key)) => r?,
             _ = self.cancel.waiting_cancel.notified() => return Err(Error::Canceled("user request")),
         };
         let mut co = checkout;
@@ -362,6 +385,25 @@ impl Session {
         }
         self.server = Some(co);
         Ok(())
+    }
+
+    /// Spends the rate-limit tokens of the requests in `rbuf[..at]` (src/limit): outside a transaction waits up to
+    /// `limit_max_delay`, inside one (a refusal would abort it) up to `query_wait_timeout`; then ERROR 53400.
+    async fn check_limits(&mut self, at: usize) -> Result<()> {
+        let Some(adm) = self.admission.as_mut() else { return Ok(()) };
+        if !adm.is_active() {
+            return Ok(());
+        }
+        let n = crate::limit::count_requests(&self.rbuf[..at], self.unsynced);
+        if n == 0 {
+            return Ok(());
+        }
+        let in_tx = self.status != TxStatus::Idle;
+        let wait = if in_tx { self.wait_timeout } else { adm.max_delay() };
+        tokio::select! {
+            r = adm.request(n, !in_tx, wait) => r,
+            _ = self.cancel.waiting_cancel.notified() => Err(Error::Canceled("user request")),
+        }
     }
 
     /// Answers the frames in `rbuf[..at]` with `err` as Postgres would: the error, then ReadyForQuery at the

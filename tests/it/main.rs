@@ -3,6 +3,7 @@
 mod harness;
 
 mod auth;
+mod limits;
 mod ops;
 mod pooling;
 mod resilience;
