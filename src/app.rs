@@ -51,12 +51,16 @@ pub struct App {
     pub shutdown: watch::Sender<Shutdown>,
     /// Admin console state: live clients, pause, error counts, the settings a reload starts from.
     pub ops: crate::admin::Ops,
+    /// The read cache, when enabled (enabling or disabling it needs a restart).
+    pub cache: Option<Arc<crate::cache::Cache>>,
 }
 
 impl App {
     pub fn new(config: Config) -> Arc<App> {
         let limits = crate::limit::Limiter::new(&config.limits);
+        let cache = config.cache.enabled.then(|| Arc::new(crate::cache::Cache::new(config.cache.clone())));
         Arc::new(App {
+            cache,
             limits,
             config: ArcSwap::from_pointee(config),
             pools: Mutex::new(HashMap::new()),

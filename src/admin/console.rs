@@ -101,7 +101,11 @@ async fn run_command(app: &Arc<App>, role: Role, command: &str, out: &mut BytesM
     };
     match verb.as_str() {
         "SHOW" => {
-            let what = arg.map(str::to_ascii_uppercase).ok_or_else(|| Error::Syntax("SHOW what? Try SHOW HELP".into()))?;
+            // Everything after SHOW, so two-word commands (SHOW CACHE STATEMENTS) match too.
+            let what = words[1..].iter().map(|w| w.trim_matches('"').to_ascii_uppercase()).collect::<Vec<_>>().join(" ");
+            if what.is_empty() {
+                return Err(Error::Syntax("SHOW what? Try SHOW HELP".into()));
+            }
             if what == "HELP" {
                 return help(out);
             }

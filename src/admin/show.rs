@@ -32,7 +32,85 @@ pub const SHOWS: &[Show] = &[
     Show { name: "LISTS", run: lists },
     Show { name: "VERSION", run: version },
     Show { name: "LIMITS", run: limits },
+    Show { name: "CACHE", run: cache },
+    Show { name: "CACHE STATEMENTS", run: cache_statements },
 ];
+
+/// The read cache: entries, bytes, hits, misses, hit ratio, evictions, invalidations.
+fn cache(app: &App) -> Table {
+    let mut t = Table::new(&[
+        "enabled",
+        "entries",
+        "bytes",
+        "max_bytes",
+        "hits",
+        "misses",
+        "hit_ratio",
+        "coalesced",
+        "stores",
+        "too_big",
+        "evictions",
+        "invalidations",
+        "flushes",
+    ]);
+    let Some(c) = &app.cache else {
+        t.row(vec![
+            false.into(),
+            0.into(),
+            0.into(),
+            0.into(),
+            0.into(),
+            0.into(),
+            null(),
+            0.into(),
+            0.into(),
+            0.into(),
+            0.into(),
+            0.into(),
+            0.into(),
+        ]);
+        return t;
+    };
+    let s = &c.stats;
+    let ld = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    let (entries, bytes) = c.entries();
+    let (hits, misses) = (ld(&s.hits), ld(&s.misses));
+    let ratio = if hits + misses > 0 { format!("{:.3}", hits as f64 / (hits + misses) as f64) } else { "0".into() };
+    t.row(vec![
+        true.into(),
+        entries.into(),
+        bytes.into(),
+        c.config.max_bytes.into(),
+        hits.into(),
+        misses.into(),
+        ratio.into(),
+        ld(&s.coalesced).into(),
+        ld(&s.stores).into(),
+        ld(&s.too_big).into(),
+        ld(&s.evictions).into(),
+        ld(&s.invalidations).into(),
+        ld(&s.flushes).into(),
+    ]);
+    t
+}
+
+/// The statements the cache answers most, with their hit ratio and the upstream time hits saved.
+fn cache_statements(app: &App) -> Table {
+    let mut t = Table::new(&["statement", "hits", "misses", "hit_ratio", "saved_ms"]);
+    if let Some(c) = &app.cache {
+        for (sql, s) in c.top_statements(50) {
+            let ratio = if s.hits + s.misses > 0 { s.hits as f64 / (s.hits + s.misses) as f64 } else { 0.0 };
+            t.row(vec![
+                String::from_utf8_lossy(&sql).into(),
+                s.hits.into(),
+                s.misses.into(),
+                format!("{ratio:.3}").into(),
+                (s.saved_us / 1000).into(),
+            ]);
+        }
+    }
+    t
+}
 
 /// Rate limits and shared connection budgets, per key: allowed, delayed, rejected.
 fn limits(app: &App) -> Table {

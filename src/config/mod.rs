@@ -91,6 +91,10 @@ pub struct Config {
     pub users: BTreeMap<String, User>,
     /// Rate limits, connection caps, fairness and timeouts (src/limit).
     pub limits: crate::limit::LimitConfig,
+    /// The read cache (src/cache).
+    pub cache: crate::cache::config::CacheConfig,
+    /// The N+1 batcher (src/batch).
+    pub batch: crate::cache::config::BatchConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -207,8 +211,12 @@ impl Config {
             return Err(bad("no users: give --upstream with a user and password, --auth-file, or [users] sections"));
         }
         let limits = crate::limit::LimitConfig::build(&s)?;
+        let cache = crate::cache::config::CacheConfig::build(&s.cache, s.cache_flag).map_err(bad)?;
+        let batch = crate::cache::config::BatchConfig::build(&s.batch, s.batch_flag).map_err(bad)?;
         Ok(Config {
             limits,
+            cache,
+            batch,
             listen,
             admin_listen,
             pool_mode,

@@ -49,6 +49,22 @@ macro_rules! settings {
             #[arg(skip)]
             #[serde(default)]
             pub users: BTreeMap<String, UserSettings>,
+            /// `[cache]` table (file only; `--cache` below switches it on).
+            #[arg(skip)]
+            #[serde(default)]
+            pub cache: crate::cache::config::CacheSettings,
+            /// Serve repeated reads from the read cache (same as `[cache] enabled = true`).
+            #[arg(long = "cache", env = "PGSURGE_CACHE", num_args = 0..=1, default_missing_value = "true")]
+            #[serde(skip)]
+            pub cache_flag: Option<bool>,
+            /// `[batch]` table (file only; `--batch` below switches it on).
+            #[arg(skip)]
+            #[serde(default)]
+            pub batch: crate::cache::config::BatchSettings,
+            /// Merge concurrent point lookups into one query (same as `[batch] enabled = true`).
+            #[arg(long = "batch", env = "PGSURGE_BATCH", num_args = 0..=1, default_missing_value = "true")]
+            #[serde(skip)]
+            pub batch_flag: Option<bool>,
             /// `[limits]` table (file only): see src/limit/config.rs and README.md.
             #[arg(skip)]
             #[serde(default)]
@@ -66,6 +82,10 @@ macro_rules! settings {
                 if self.databases.is_empty() { self.databases = lower.databases; }
                 if self.users.is_empty() { self.users = lower.users; }
                 if self.limits == Default::default() { self.limits = lower.limits; }
+                if self.cache == Default::default() { self.cache = lower.cache; }
+                if self.cache_flag.is_none() { self.cache_flag = lower.cache_flag; }
+                if self.batch == Default::default() { self.batch = lower.batch; }
+                if self.batch_flag.is_none() { self.batch_flag = lower.batch_flag; }
                 self
             }
         }

@@ -2,7 +2,9 @@
 
 pub mod expect;
 pub mod handshake;
+pub mod intercept;
 pub mod listener;
 pub mod params;
+pub mod request;
 pub mod session;
 pub mod statements;

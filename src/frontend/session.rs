@@ -51,34 +51,41 @@ pub struct Session {
     pub server: Option<Checkout>,
     /// Settings this client expects on whatever server it lands on, and those it started with (RESET target).
     pub wanted: Settings,
-    startup: Settings,
+    pub(crate) startup: Settings,
     /// Why this client must keep its server connection (LISTEN, temp tables, ...); empty: it need not.
-    pins: HashSet<Pin>,
+    pub(crate) pins: HashSet<Pin>,
     /// Session effects of the statement last bound (applied when its Execute completes).
-    portal_effects: Vec<Effect>,
+    pub(crate) portal_effects: Vec<Effect>,
     /// Session effects of the unnamed statement last parsed.
-    unnamed_effects: Vec<Effect>,
+    pub(crate) unnamed_effects: Vec<Effect>,
     /// SETs done inside the open transaction: they hold only if it commits.
-    staged: Vec<Effect>,
+    pub(crate) staged: Vec<Effect>,
     /// A `COMMIT` command tag was seen since the last ReadyForQuery.
-    commit_seen: bool,
+    pub(crate) commit_seen: bool,
+    /// The read cache's capture of the request being filled (src/frontend/intercept.rs).
+    pub(crate) capture: Option<super::intercept::Capture>,
+    /// Writes through this session (cache invalidation, read-your-writes).
+    pub(crate) writes: super::intercept::Writes,
+    /// Text of the statement last bound (for write tracking at Execute), and of the unnamed one.
+    pub(crate) portal_sql: Option<Bytes>,
+    pub(crate) unnamed_sql: Option<Bytes>,
     /// Replies the client is still owed, in order (see expect.rs).
-    expect: Expectations,
+    pub(crate) expect: Expectations,
     /// Extended-protocol messages forwarded since the last Sync: the server must stay ours.
-    unsynced: bool,
+    pub(crate) unsynced: bool,
     /// After a local error in an extended-protocol run: drop messages until Sync, as Postgres does.
-    skipping: bool,
+    pub(crate) skipping: bool,
     /// This client's named prepared statements (client name -> shared statement).
-    stmts: HashMap<Bytes, Arc<Statement>>,
-    status: TxStatus,
-    max_message: usize,
-    wait_timeout: Duration,
-    cancel: Arc<CancelSlot>,
-    shutdown: watch::Receiver<Shutdown>,
+    pub(crate) stmts: HashMap<Bytes, Arc<Statement>>,
+    pub(crate) status: TxStatus,
+    pub(crate) max_message: usize,
+    pub(crate) wait_timeout: Duration,
+    pub(crate) cancel: Arc<CancelSlot>,
+    pub(crate) shutdown: watch::Receiver<Shutdown>,
     /// This client's connection caps and rates (src/limit); set after login.
     pub admission: Option<crate::limit::Admission>,
     /// query_timeout / idle_transaction_timeout.
-    timers: SessionTimers,
+    pub(crate) timers: SessionTimers,
 }
 
 impl Session {
@@ -111,6 +118,10 @@ impl Session {
             unnamed_effects: vec![],
             staged: vec![],
             commit_seen: false,
+            capture: None,
+            writes: Default::default(),
+            portal_sql: None,
+            unnamed_sql: None,
             expect: Expectations::default(),
             unsynced: false,
             skipping: false,
@@ -202,6 +213,18 @@ impl Session {
                 self.fail_request(e, at).await?;
                 continue;
             }
+            // limit -> cache -> (batch) -> pool: only a request that would start a fresh transaction is answered here.
+            if self.server.is_none()
+                && self.status == TxStatus::Idle
+                && self.pins.is_empty()
+                && self.expect.is_empty()
+                && self.capture.is_none()
+            {
+                if let super::intercept::Intercepted::Answered(n) = self.try_cache(at).await? {
+                    self.rbuf.advance(n);
+                    continue;
+                }
+            }
             if self.server.is_none() {
                 if *self.shutdown.borrow() != Shutdown::Running {
                     return Err(Error::Shutdown);
@@ -247,6 +270,9 @@ impl Session {
                         }
                     }
                     if replace.is_none() {
+                        if let (Some(cache), Some(text)) = (&self.app.cache, view::query_text(body)) {
+                            self.writes.note(cache, &Bytes::copy_from_slice(text));
+                        }
                         let fx = view::query_text(body).map(|t| effects::effects(&String::from_utf8_lossy(t))).unwrap_or_default();
                         note_pins(&mut self.pins, &fx, &self.pool);
                         self.expect.push(Expect::Query { swallow: false, effects: fx, failed: false });
@@ -274,6 +300,9 @@ impl Session {
                         }
                         Some((_, query, _)) => {
                             self.unnamed_effects = effects::effects(&String::from_utf8_lossy(query));
+                            if self.app.cache.is_some() {
+                                self.unnamed_sql = Some(Bytes::copy_from_slice(query));
+                            }
                             self.expect.push(Expect::Parse { swallow: false, stmt: None });
                         }
                         None => self.expect.push(Expect::Parse { swallow: false, stmt: None }),
@@ -288,8 +317,10 @@ impl Session {
                             st::put_bind(&mut b, portal, &stmt.server_name, rest);
                             replace = Some(b);
                             self.portal_effects.clone_from(&stmt.effects);
+                            self.portal_sql = Some(stmt.query.clone());
                         } else if name.is_empty() {
                             self.portal_effects.clone_from(&self.unnamed_effects);
+                            self.portal_sql.clone_from(&self.unnamed_sql);
                         }
                     }
                     self.expect.push(Expect::Bind);
@@ -321,6 +352,9 @@ impl Session {
                 EXECUTE => {
                     self.unsynced = true;
                     note_pins(&mut self.pins, &self.portal_effects, &self.pool);
+                    if let (Some(cache), Some(sql)) = (&self.app.cache, &self.portal_sql) {
+                        self.writes.note(cache, sql);
+                    }
                     self.expect.push(Expect::Execute { effects: self.portal_effects.clone() });
                 }
                 _ => {} // Flush and CopyData belong to a request already accounted for
@@ -355,7 +389,11 @@ impl Session {
         let mut due = vec![];
         self.expect.take_due(&mut due);
         if !due.is_empty() {
-            self.client.write_all(&due.concat()).await?;
+            let bytes = due.concat();
+            if let Some(c) = self.capture.as_mut() {
+                c.synthetic(&bytes);
+            }
+            self.client.write_all(&bytes).await?;
         }
         Ok(())
     }
@@ -409,6 +447,7 @@ impl Session {
     /// Answers the frames in `rbuf[..at]` with `err` as Postgres would: the error, then ReadyForQuery at the
     /// first Query or Sync; without one, drop messages until the client's Sync arrives.
     async fn fail_request(&mut self, err: Error, at: usize) -> Result<()> {
+        self.capture = None;
         self.app.ops.errors.count(err.sqlstate());
         let mut out = BytesMut::new();
         err.write_to(&mut out);
@@ -517,6 +556,24 @@ impl Session {
                 _ => {}
             }
             self.expect.take_due(&mut due);
+            if action == Action::Forward {
+                if let Some(c) = self.capture.as_mut() {
+                    if c.frame(&conn.rbuf[at..at + n]) {
+                        if let Some(c) = self.capture.take() {
+                            c.finish();
+                        }
+                    } else {
+                        for d in &due {
+                            c.synthetic(d);
+                        }
+                    }
+                }
+                if tag == READY_FOR_QUERY && self.status == TxStatus::Idle {
+                    if let Some(cache) = &self.app.cache {
+                        self.writes.visible(cache);
+                    }
+                }
+            }
             if action == Action::Swallow || !due.is_empty() {
                 let o = out.get_or_insert_with(BytesMut::new);
                 let end = if action == Action::Swallow { at } else { at + n };
@@ -571,6 +628,7 @@ impl Session {
         tracing::warn!(pool = %self.pool.key.database, reason, "server connection lost");
         self.release(ReleaseState::Broken).await;
         self.expect.clear();
+        self.capture = None;
         self.pool.purge_dead_idle();
         Err(Error::UpstreamLost(reason))
     }

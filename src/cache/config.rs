@@ -1,0 +1,93 @@
+//! `[cache]` and `[batch]` configuration: the file tables, the `--cache`/`--batch` flags, and validation.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::config::Dur;
+
+/// `[cache]` as written in the file.
+#[derive(Debug, Default, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CacheSettings {
+    pub enabled: Option<bool>,
+    pub max_bytes: Option<u64>,
+    pub max_entry_bytes: Option<usize>,
+    pub default_ttl: Option<Dur>,
+    #[serde(default)]
+    pub rules: Vec<CacheRule>,
+}
+
+/// `[[cache.rules]]`: match by table or by exact statement text; set a TTL or opt in/out.
+#[derive(Debug, Default, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CacheRule {
+    pub table: Option<String>,
+    pub statement: Option<String>,
+    /// false: never cache; true: cache even what is otherwise refused for a soft reason (catalogs,
+    /// functions not on the allowlist, inside a transaction).
+    pub cache: Option<bool>,
+    pub ttl: Option<Dur>,
+}
+
+/// The validated cache configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CacheConfig {
+    pub enabled: bool,
+    pub max_bytes: u64,
+    pub max_entry_bytes: usize,
+    pub default_ttl: Duration,
+    pub rules: Vec<CacheRule>,
+}
+
+impl CacheConfig {
+    pub fn build(file: &CacheSettings, flag: Option<bool>) -> Result<CacheConfig, String> {
+        let c = CacheConfig {
+            enabled: flag.or(file.enabled).unwrap_or(false),
+            max_bytes: file.max_bytes.unwrap_or(256 << 20),
+            max_entry_bytes: file.max_entry_bytes.unwrap_or(1 << 20),
+            default_ttl: file.default_ttl.map(|d| d.0).unwrap_or(Duration::from_secs(1)),
+            rules: file.rules.clone(),
+        };
+        if c.max_entry_bytes as u64 > c.max_bytes {
+            return Err("cache.max_entry_bytes is larger than cache.max_bytes".into());
+        }
+        for (i, r) in c.rules.iter().enumerate() {
+            if r.table.is_some() == r.statement.is_some() {
+                return Err(format!("cache.rules[{i}]: give exactly one of table or statement"));
+            }
+        }
+        Ok(c)
+    }
+}
+
+/// `[batch]` as written in the file.
+#[derive(Debug, Default, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BatchSettings {
+    pub enabled: Option<bool>,
+    pub max_batch_size: Option<usize>,
+    pub max_wait: Option<Dur>,
+}
+
+/// The validated batcher configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchConfig {
+    pub enabled: bool,
+    pub max_batch_size: usize,
+    pub max_wait: Duration,
+}
+
+impl BatchConfig {
+    pub fn build(file: &BatchSettings, flag: Option<bool>) -> Result<BatchConfig, String> {
+        let c = BatchConfig {
+            enabled: flag.or(file.enabled).unwrap_or(false),
+            max_batch_size: file.max_batch_size.unwrap_or(500),
+            max_wait: file.max_wait.map(|d| d.0).unwrap_or(Duration::ZERO),
+        };
+        if c.max_batch_size < 2 {
+            return Err("batch.max_batch_size must be at least 2".into());
+        }
+        Ok(c)
+    }
+}
