@@ -132,7 +132,7 @@ impl App {
     pub fn active_servers(&self, database: Option<&str>) -> usize {
         self.pools()
             .iter()
-            .filter(|p| database.map_or(true, |d| p.key.database == d))
+            .filter(|p| database.is_none_or(|d| p.key.database == d))
             .map(|p| p.stats.active.load(std::sync::atomic::Ordering::Relaxed))
             .sum()
     }
