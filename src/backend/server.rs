@@ -213,6 +213,28 @@ impl ServerConn {
         }
     }
 
+    /// Runs pgsurge's own simple query and returns its rows as text (for catalog lookups); errors are returned.
+    pub async fn simple_rows(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>> {
+        self.send(&encode::query(sql)).await?;
+        let mut rows = vec![];
+        let mut err = None;
+        loop {
+            let (tag, body) = self.read_msg().await?;
+            match tag {
+                DATA_ROW => rows.push(view::data_row_text(&body).ok_or_else(|| Error::UpstreamLost("malformed DataRow".into()))?),
+                ERROR_RESPONSE => err = Some(ErrorView::parse(&body).unwrap_or_default()),
+                READY_FOR_QUERY => {
+                    return match err {
+                        Some(e) => Err(Error::Server(e)),
+                        None if body.first() == Some(&b'I') => Ok(rows),
+                        None => Err(Error::UpstreamLost("not idle after pgsurge's own query".into())),
+                    };
+                }
+                _ => {}
+            }
+        }
+    }
+
     /// True if the idle connection looks alive: nothing to read and not closed. One non-blocking syscall.
     pub fn looks_alive(&mut self) -> bool {
         // Not alive on EOF, an error, or unexpected bytes (e.g. a FATAL after an admin shutdown).

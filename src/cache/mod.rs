@@ -81,6 +81,24 @@ pub struct Cache {
     inflight: Mutex<HashMap<Arc<Key>, Arc<Notify>>>,
     pub stats: Arc<CacheStats>,
     statements: Mutex<HashMap<Bytes, StatementStats>>,
+    /// Per table name: has row-level security or is temporary (true) or neither (false), and when checked.
+    flags: Mutex<HashMap<String, (bool, Instant)>>,
+}
+
+/// How long a table's row-security / temporary flag is trusted before it is looked up again.
+const FLAGS_TTL: Duration = Duration::from_secs(30);
+
+/// The catalog lookup behind `flags`: any relation of that name (in that schema, if qualified) with row-level
+/// security or temporary persistence counts. Names never match nothing dangerous: an unknown name (a CTE) is false.
+pub fn flags_sql(tables: &[String]) -> String {
+    let list: Vec<String> = tables.iter().map(|t| format!("'{}'", t.replace('\'', "''"))).collect();
+    format!(
+        "SELECT n, coalesce((SELECT bool_or(c.relrowsecurity OR c.relpersistence = 't') FROM pg_catalog.pg_class c \
+         JOIN pg_catalog.pg_namespace s ON s.oid = c.relnamespace, LATERAL (SELECT pg_catalog.parse_ident(n) AS p) i \
+         WHERE c.relname = i.p[pg_catalog.array_length(i.p, 1)] AND (pg_catalog.array_length(i.p, 1) = 1 OR s.nspname = i.p[1])), false) \
+         FROM pg_catalog.unnest(ARRAY[{}]::text[]) n",
+        list.join(",")
+    )
 }
 
 /// What a lookup found.
@@ -116,6 +134,7 @@ impl Cache {
             inflight: Mutex::new(HashMap::new()),
             stats,
             statements: Mutex::new(HashMap::new()),
+            flags: Mutex::new(HashMap::new()),
         }
     }
 
@@ -139,8 +158,32 @@ impl Cache {
         self.stats.invalidations.fetch_add(tables.len() as u64, Ordering::Relaxed);
     }
 
+    /// Whether any of `tables` has row-level security or is temporary; None if one was not looked up lately.
+    pub fn flagged(&self, tables: &[String]) -> Option<bool> {
+        let f = self.flags.lock();
+        let mut any = false;
+        for t in tables {
+            match f.get(t) {
+                Some((flag, at)) if at.elapsed() < FLAGS_TTL => any |= flag,
+                _ => return None,
+            }
+        }
+        Some(any)
+    }
+
+    pub fn record_flags(&self, rows: Vec<Vec<Option<String>>>) {
+        let now = Instant::now();
+        let mut f = self.flags.lock();
+        for r in rows {
+            if let [Some(name), Some(flag)] = r.as_slice() {
+                f.insert(name.clone(), (flag == "t", now));
+            }
+        }
+    }
+
     /// DDL, privileges, roles: everything is void.
     pub fn flush(&self) {
+        self.flags.lock().clear();
         self.epoch.fetch_add(1, Ordering::SeqCst);
         self.stats.flushes.fetch_add(1, Ordering::Relaxed);
         self.store.invalidate_all();

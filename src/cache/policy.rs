@@ -14,6 +14,8 @@ use crate::sql::{reason, Analysis, Cacheability, StatementClass};
 pub struct Decision {
     pub ttl: Duration,
     pub tables: Vec<String>,
+    /// A rule opted these tables or this statement in: row-level security tables may be cached (per role).
+    pub opted_in: bool,
 }
 
 /// Reasons a rule may override: they are about what pgsurge cannot know, not about what it knows is unsafe.
@@ -46,7 +48,7 @@ pub fn decide(cfg: &CacheConfig, sql: &str, a: &Analysis) -> Option<Decision> {
     if ttl.is_zero() {
         return None;
     }
-    Some(Decision { ttl, tables: a.tables_read.clone() })
+    Some(Decision { ttl, tables: a.tables_read.clone(), opted_in })
 }
 
 /// Statement analyses, once per distinct text.
@@ -85,7 +87,7 @@ mod tests {
         let c = cfg(vec![]);
         assert_eq!(
             decide_sql(&c, "SELECT v FROM kv WHERE id = 7").unwrap(),
-            Decision { ttl: Duration::from_secs(1), tables: vec!["kv".into()] }
+            Decision { ttl: Duration::from_secs(1), tables: vec!["kv".into()], opted_in: false }
         );
         for sql in [
             "SELECT random()",

@@ -11,6 +11,7 @@ use super::request::{self, Request};
 use super::session::Session;
 use crate::cache::{policy, Cache, Entry, FillGuard, Key, Lookup};
 use crate::error::Result;
+use crate::protocol::codes::TxStatus;
 use crate::protocol::codes::*;
 use crate::sql::StatementClass;
 
@@ -102,6 +103,31 @@ pub enum Intercepted {
 }
 
 impl Session {
+    /// `[Close statement]... Sync` with nothing outstanding and no server held: pgsurge answers it itself
+    /// (CloseComplete for each, then ReadyForQuery), so a driver dropping a statement costs no round trip.
+    pub(crate) async fn try_close_only(&mut self, at: usize) -> Result<Intercepted> {
+        let mut pos = 0;
+        let mut names = vec![];
+        loop {
+            let Ok(Some(n)) = crate::protocol::frame::complete_len(&self.rbuf[pos..at], usize::MAX) else { return Ok(Intercepted::Pass) };
+            let (tag, body) = (self.rbuf[pos], &self.rbuf[pos + 5..pos + n]);
+            pos += n;
+            match (tag, super::statements::target_view(body)) {
+                (CLOSE, Some((b'S', name))) if self.stmts.contains_key(name) => names.push(Bytes::copy_from_slice(name)),
+                (SYNC, _) if !names.is_empty() => break,
+                _ => return Ok(Intercepted::Pass),
+            }
+        }
+        let mut out = BytesMut::new();
+        for name in names {
+            self.stmts.remove(&name);
+            out.extend_from_slice(&super::statements::empty_msg(CLOSE_COMPLETE));
+        }
+        crate::protocol::encode::put_ready_for_query(&mut out, TxStatus::Idle);
+        self.client.write_all(&out).await?;
+        Ok(Intercepted::Answered(pos))
+    }
+
     /// Tries to answer the first request in `rbuf[..at]` from the cache; on a cacheable miss, starts a capture.
     pub(crate) async fn try_cache(&mut self, at: usize) -> Result<Intercepted> {
         let Some(cache) = self.app.cache.clone() else { return Ok(Intercepted::Pass) };
@@ -139,6 +165,25 @@ impl Session {
         let Some(decision) = policy::decide(&cache.config, &String::from_utf8_lossy(&sql), &analysis) else {
             return Ok(Intercepted::Pass);
         };
+        // Row-level security and temporary tables are looked up once in the catalog (then every 30 s).
+        let flagged = match cache.flagged(&decision.tables) {
+            Some(f) => f,
+            None => {
+                let mut co = self.pool.checkout(self.wait_timeout).await?;
+                match co.conn().simple_rows(&crate::cache::flags_sql(&decision.tables)).await {
+                    Ok(rows) => {
+                        co.state = crate::backend::ReleaseState::Clean;
+                        cache.record_flags(rows);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "row-level security lookup failed; not caching"),
+                }
+                drop(co);
+                cache.flagged(&decision.tables).unwrap_or(true)
+            }
+        };
+        if flagged && !decision.opted_in {
+            return Ok(Intercepted::Pass);
+        }
         let settings: String = self
             .wanted
             .iter()

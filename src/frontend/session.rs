@@ -220,6 +220,10 @@ impl Session {
                 && self.expect.is_empty()
                 && self.capture.is_none()
             {
+                if let super::intercept::Intercepted::Answered(n) = self.try_close_only(at).await? {
+                    self.rbuf.advance(n);
+                    continue;
+                }
                 if let super::intercept::Intercepted::Answered(n) = self.try_cache(at).await? {
                     self.rbuf.advance(n);
                     continue;

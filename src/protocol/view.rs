@@ -65,6 +65,24 @@ pub fn sasl_initial(body: &[u8]) -> Option<(&[u8], &[u8])> {
     Some((mech, b))
 }
 
+/// A DataRow body as text values (NULL as None); None if malformed.
+pub fn data_row_text(body: &[u8]) -> Option<Vec<Option<String>>> {
+    let mut b = body;
+    let n = super::frame::get_i16(&mut b)?;
+    let mut out = Vec::with_capacity(n.max(0) as usize);
+    for _ in 0..n {
+        let len = get_i32(&mut b)?;
+        if len < 0 {
+            out.push(None);
+            continue;
+        }
+        let v = b.get(..len as usize)?;
+        out.push(Some(String::from_utf8_lossy(v).into_owned()));
+        b = &b[len as usize..];
+    }
+    Some(out)
+}
+
 /// A PasswordMessage body holding a NUL-terminated password.
 pub fn password(body: &[u8]) -> Option<&[u8]> {
     let mut b = body;
@@ -91,5 +109,7 @@ mod tests {
         assert_eq!(ErrorView::parse(b"Cabc"), None);
         assert_eq!(parameter_status(b"a\0b"), None);
         assert_eq!(sasl_initial(b"SCRAM-SHA-256\0\0\0\0\x09abc"), None);
+        assert_eq!(data_row_text(b"\0\x02\0\0\0\x02ab\xff\xff\xff\xff"), Some(vec![Some("ab".into()), None]));
+        assert_eq!(data_row_text(b"\0\x01\0\0\0\x09ab"), None, "a length past the end");
     }
 }
