@@ -4,6 +4,7 @@ mod harness;
 
 mod auth;
 mod cache;
+mod drivers;
 mod limits;
 mod ops;
 mod pooling;
