@@ -6,7 +6,7 @@
 #
 # Environment (defaults in brackets):
 #   BENCH_TARGETS ["direct pgbouncer pgsurge"]   ROUNDS [2]   DURATION [10]   POOL [20]
-#   CLIENTS ["1 16 64 256"]   MODES ["simple extended"]   STORM_CLIENTS [16]   JOBS [2]
+#   CLIENTS ["1 16 64 256"]   MODES ["simple extended prepared"]   STORM_CLIENTS [16]   JOBS [2]
 #   SCALE [10]   WARMUP [3] seconds per target before measuring   PGSURGE_BIN [build target/release/pgsurge]
 #   RESULTS [bench/RESULTS.md]   BENCH_KEEP_WORKDIR [unset] keep the temp dir (logs) after exit
 # Writes bench/results/raw-<timestamp>.tsv and the pooler section of bench/RESULTS.md.
@@ -35,7 +35,7 @@ ROUNDS=${ROUNDS:-2}
 DURATION=${DURATION:-10}
 POOL=${POOL:-20}
 CLIENTS=${CLIENTS:-"1 16 64 256"}
-MODES=${MODES:-"simple extended"}
+MODES=${MODES:-"simple extended prepared"}
 STORM_CLIENTS=${STORM_CLIENTS:-16}
 JOBS=${JOBS:-2}
 SCALE=${SCALE:-10}
