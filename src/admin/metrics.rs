@@ -112,7 +112,7 @@ pub fn render(app: &App) -> String {
         }
     }
 
-    let counters: [Counter; 9] = [
+    let counters: [Counter; 10] = [
         ("pgsurge_pool_checkouts_total", "Server connections handed to clients.", |s| s.checkouts.load(Ordering::Relaxed)),
         ("pgsurge_pool_transactions_total", "Transactions completed (ReadyForQuery idle).", |s| s.transactions.load(Ordering::Relaxed)),
         ("pgsurge_pool_queries_total", "Queries sent (Query, FunctionCall and Sync messages).", |s| s.queries.load(Ordering::Relaxed)),
@@ -128,7 +128,18 @@ pub fn render(app: &App) -> String {
         ("pgsurge_pool_server_closed_dirty_total", "Server connections closed because they could not be reset.", |s| {
             s.closed_dirty.load(Ordering::Relaxed)
         }),
+        ("pgsurge_pool_pinned_sessions_total", "Sessions that became pinned to a server (LISTEN, temp tables, locks, ...).", |s| {
+            s.pins_total.load(Ordering::Relaxed)
+        }),
     ];
+    o.family("pgsurge_pool_pinned_sessions", "gauge", "Sessions holding their server connection now (LISTEN, temp tables, locks, ...).");
+    for p in &pools {
+        o.sample(
+            "pgsurge_pool_pinned_sessions",
+            &[("database", p.key.database.as_str()), ("user", p.key.user.as_str())],
+            p.stats.pinned.load(Ordering::Relaxed),
+        );
+    }
     for (name, help, get) in counters {
         o.family(name, "counter", help);
         for p in &pools {
@@ -153,6 +164,31 @@ pub fn render(app: &App) -> String {
         o.sample(&format!("{h}_sum"), &[("database", db), ("user", user)], p.stats.wait_us_total.load(Ordering::Relaxed) as f64 / 1e6);
         o.sample(&format!("{h}_count"), &[("database", db), ("user", user)], cum);
     }
+    if let Some(c) = &app.cache {
+        cache_metrics(&mut o, c);
+    }
     o.0.push_str(&app.limits.prometheus());
     o.0
+}
+
+/// The read cache's figures (SHOW CACHE) as Prometheus series.
+fn cache_metrics(o: &mut Out, c: &crate::cache::Cache) {
+    let s = &c.stats;
+    let (entries, bytes) = c.entries();
+    o.family("pgsurge_cache_entries", "gauge", "Entries in the read cache.");
+    o.sample("pgsurge_cache_entries", &[], entries);
+    o.family("pgsurge_cache_bytes", "gauge", "Bytes held by the read cache.");
+    o.sample("pgsurge_cache_bytes", &[], bytes);
+    for (name, help, v) in [
+        ("pgsurge_cache_hits_total", "Requests answered from the cache.", &s.hits),
+        ("pgsurge_cache_misses_total", "Cacheable requests sent upstream to fill the cache.", &s.misses),
+        ("pgsurge_cache_coalesced_total", "Identical misses that waited for one fill (single flight).", &s.coalesced),
+        ("pgsurge_cache_evictions_total", "Entries evicted to stay within max_bytes.", &s.evictions),
+        ("pgsurge_cache_invalidations_total", "Table generations bumped by writes through pgsurge.", &s.invalidations),
+        ("pgsurge_cache_flushes_total", "Whole-cache flushes (DDL, GRANT/REVOKE, role changes).", &s.flushes),
+        ("pgsurge_cache_too_big_total", "Results not stored for exceeding max_entry_bytes.", &s.too_big),
+    ] {
+        o.family(name, "counter", help);
+        o.sample(name, &[], v.load(Ordering::Relaxed));
+    }
 }

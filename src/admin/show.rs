@@ -174,6 +174,7 @@ fn pools(app: &App) -> Table {
         "pool_mode",
         "pool_size",
         "paused",
+        "cl_pinned",
     ]);
     let counts = client_counts(app);
     let cfg = app.config.load();
@@ -200,6 +201,7 @@ fn pools(app: &App) -> Table {
             mode,
             p.size(),
             p.is_paused() as u8,
+            p.stats.pinned.load(Ordering::Relaxed),
         ]);
     }
     t
