@@ -66,6 +66,9 @@ pub struct Session {
     pub(crate) capture: Option<super::intercept::Capture>,
     /// Writes through this session (cache invalidation, read-your-writes).
     pub(crate) writes: super::intercept::Writes,
+    /// The last autocommit Bind/Execute of a named statement, kept to re-run it once if Postgres answers
+    /// "cached plan must not change result type" (a DDL changed the statement's result).
+    pub(crate) retry: Retry,
     /// Text of the statement last bound (for write tracking at Execute), and of the unnamed one.
     pub(crate) portal_sql: Option<Bytes>,
     pub(crate) unnamed_sql: Option<Bytes>,
@@ -120,6 +123,7 @@ impl Session {
             commit_seen: false,
             capture: None,
             writes: Default::default(),
+            retry: Retry::default(),
             portal_sql: None,
             unnamed_sql: None,
             expect: Expectations::default(),
@@ -241,6 +245,7 @@ impl Session {
                     continue;
                 }
             }
+            self.retry.arm(&self.rbuf[..at], &self.stmts, self.status == TxStatus::Idle && self.expect.is_empty());
             self.forward_client(at).await?;
             if terminate {
                 return Ok(Flow::Exit);
@@ -511,7 +516,24 @@ impl Session {
             complete_len(&conn.rbuf[at..], crate::backend::server::MAX_SERVER_MESSAGE).map_err(|e| Error::UpstreamLost(e.to_string()))?
         {
             let tag = conn.rbuf[at];
-            let action = self.expect.on_server_frame(tag, &mut unprepared, &mut done);
+            let mut action = self.expect.on_server_frame(tag, &mut unprepared, &mut done);
+            if action == Action::Forward && self.retry.stale_plan(tag, &conn.rbuf[at..at + n], self.status) {
+                // Re-prepare and re-run once, as if the DDL had happened before the request: close the stale
+                // statement (after the failed run's Sync, which the server already has), then the request goes
+                // again and is re-parsed on demand.
+                if let Some(stmt) = self.retry.stmt.take() {
+                    conn.prepared.pop(&stmt.id);
+                    let mut close = BytesMut::new();
+                    st::put_target(&mut close, CLOSE, &stmt.server_name);
+                    close.extend_from_slice(&encode::flush());
+                    conn.stream.write_all(&close).await.map_err(|e| Error::UpstreamLost(e.to_string()))?;
+                    self.expect.push(Expect::Close { swallow: true });
+                    action = Action::Swallow;
+                }
+            } else if tag == READY_FOR_QUERY && self.retry.swallow_rfq {
+                self.retry.swallow_rfq = false;
+                action = Action::Swallow;
+            }
             // A completed SET takes hold now in autocommit, or at COMMIT of the transaction it ran in.
             for e in done.drain(..) {
                 if self.status == TxStatus::Idle {
@@ -608,6 +630,12 @@ impl Session {
         };
         self.pool.stats.bytes_to_client.fetch_add(written as u64, Ordering::Relaxed);
         conn.rbuf.advance(at);
+        if let Some(again) = self.retry.pending.take() {
+            let mut b = BytesMut::with_capacity(again.len() + self.rbuf.len());
+            b.extend_from_slice(&again);
+            b.extend_from_slice(&self.rbuf);
+            self.rbuf = b;
+        }
         let idle =
             self.expect.is_empty() && !self.unsynced && self.status == TxStatus::Idle && conn.rbuf.is_empty() && self.pins.is_empty();
         if idle && self.mode == PoolMode::Transaction {
@@ -786,5 +814,52 @@ fn apply_setting(e: Effect, wanted: &mut Settings, startup: &Settings, applied: 
             applied.insert(name, String::new());
         }
         _ => {}
+    }
+}
+
+/// The once-only transparent retry after a DDL changed a prepared statement's result type.
+#[derive(Default)]
+pub struct Retry {
+    /// The request's bytes as the client sent them (buffer reused across requests).
+    bytes: BytesMut,
+    stmt: Option<Arc<Statement>>,
+    /// The failed run's ReadyForQuery is not the client's.
+    swallow_rfq: bool,
+    /// Set while the re-run is in flight, so it cannot retry again.
+    retried: bool,
+    /// The request to run again, handed back to the client buffer.
+    pending: Option<Bytes>,
+}
+
+impl Retry {
+    /// Before a fresh request is forwarded: keep it if it is exactly a Bind/Execute/Sync of a named statement.
+    fn arm(&mut self, buf: &[u8], stmts: &HashMap<Bytes, Arc<Statement>>, fresh: bool) {
+        self.stmt = None;
+        if !fresh || std::mem::take(&mut self.retried) {
+            return;
+        }
+        if let Some((super::request::Request::Extended { parse: None, statement, .. }, len)) = super::request::first(buf) {
+            if let Some(stmt) = stmts.get(statement) {
+                self.bytes.clear();
+                self.bytes.extend_from_slice(&buf[..len]);
+                self.stmt = Some(stmt.clone());
+            }
+        }
+    }
+
+    /// Whether this server frame is the "cached plan must not change result type" error of the kept request,
+    /// outside a transaction; if so, the request will be run again.
+    fn stale_plan(&mut self, tag: u8, frame: &[u8], status: TxStatus) -> bool {
+        if tag != ERROR_RESPONSE || self.stmt.is_none() || status != TxStatus::Idle {
+            return false;
+        }
+        let e = ErrorView::parse(&frame[5..]).unwrap_or_default();
+        if e.code != "0A000" || !e.message.starts_with("cached plan must not change result type") {
+            return false;
+        }
+        self.swallow_rfq = true;
+        self.retried = true;
+        self.pending = Some(self.bytes.split().freeze());
+        true
     }
 }

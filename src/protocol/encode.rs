@@ -176,6 +176,11 @@ pub fn query(sql: &str) -> Bytes {
     one(QUERY, |b| put_cstr(b, sql))
 }
 
+/// A Flush message: the server sends what it has buffered without ending the extended-query run.
+pub fn flush() -> Bytes {
+    one(FLUSH, |_| {})
+}
+
 pub fn terminate() -> Bytes {
     one(TERMINATE, |_| {})
 }

@@ -171,3 +171,25 @@ async fn tokio_postgres_big_results_and_pipelining_arrive_whole_and_in_order() {
     .await;
     assert_eq!(answers, (1..=100).collect::<Vec<i32>>());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prepared_statement_survives_a_ddl_that_changes_its_result_type() {
+    // One server connection, so the statement really is stale where it runs.
+    let proxy = Proxy::start(Settings { pool_size: Some(1), ..Default::default() }).await;
+    let c = proxy.client().await;
+    let t = unique("ddl");
+    c.batch_execute(&format!("CREATE TABLE {t}(id int, v varchar(10)); INSERT INTO {t} VALUES (1, 'one')")).await.unwrap();
+    let stmt = c.prepare(&format!("SELECT v FROM {t} WHERE id = $1")).await.unwrap();
+    assert_eq!(c.query_one(&stmt, &[&1i32]).await.unwrap().get::<_, String>(0), "one");
+    proxy.client().await.batch_execute(&format!("ALTER TABLE {t} ALTER COLUMN v TYPE text")).await.unwrap();
+    // Postgres itself would answer 0A000 "cached plan must not change result type"; outside a transaction
+    // pgsurge re-prepares and runs it again, once.
+    assert_eq!(c.query_one(&stmt, &[&1i32]).await.unwrap().get::<_, String>(0), "one");
+    assert_eq!(c.query_one(&stmt, &[&1i32]).await.unwrap().get::<_, String>(0), "one");
+    // Inside a transaction the error is the client's to see.
+    c.batch_execute(&format!("ALTER TABLE {t} ALTER COLUMN v TYPE varchar(20)")).await.unwrap();
+    c.batch_execute("BEGIN").await.unwrap();
+    let e = c.query_one(&stmt, &[&1i32]).await.unwrap_err();
+    assert_eq!(code(&e), "0A000");
+    c.batch_execute("ROLLBACK").await.unwrap();
+}
