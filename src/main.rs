@@ -23,9 +23,7 @@ fn main() -> ExitCode {
         LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).init(),
     }
     let mut rt = tokio::runtime::Builder::new_multi_thread();
-    if config.workers > 0 {
-        rt.worker_threads(config.workers);
-    }
+    rt.worker_threads(worker_threads(config.workers));
     let rt = match rt.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -39,6 +37,21 @@ fn main() -> ExitCode {
             eprintln!("pgsurge: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `workers = 0` (the default): one worker on up to 2 cores, else half the cores. A sidecar shares its cores with
+/// the app (and on small hosts with Postgres and the load): measured on 2 cores, one worker spends ~17 µs of CPU
+/// per forwarded transaction against ~21 µs for two (cross-thread wakeups), at the same throughput.
+fn worker_threads(configured: usize) -> usize {
+    if configured > 0 {
+        return configured;
+    }
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    if cores <= 2 {
+        1
+    } else {
+        cores / 2
     }
 }
 

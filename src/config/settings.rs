@@ -151,7 +151,7 @@ settings! {
     /// Named prepared statements kept per server connection (LRU).
     #[arg(long, env = "PGSURGE_MAX_PREPARED_STATEMENTS")]
     max_prepared_statements: usize,
-    /// Runtime worker threads (0: one per core).
+    /// Runtime worker threads (0: 1 on up to 2 cores, else half the cores).
     #[arg(long, env = "PGSURGE_WORKERS")]
     workers: usize,
     /// text | json.
