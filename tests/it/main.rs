@@ -3,6 +3,7 @@
 mod harness;
 
 mod auth;
+mod demo;
 mod limits;
 mod ops;
 mod pooling;
