@@ -11,6 +11,7 @@ pub mod backend;
 pub mod cache;
 pub mod cancel;
 pub mod config;
+pub mod demo;
 pub mod error;
 pub mod frontend;
 pub mod limit;

@@ -3,11 +3,15 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use pgsurge::config::{Config, LogFormat, Settings};
+use pgsurge::config::{Command, Config, LogFormat, Settings};
 use pgsurge::{App, Shutdown};
 
 fn main() -> ExitCode {
     let cli = Settings::parse();
+    // The demo brings its own Postgres and pgsurge: no --upstream, no config file.
+    if let Some(Command::Demo(args)) = cli.command {
+        return pgsurge::demo::run(args);
+    }
     let config = match Config::load(cli.clone()) {
         Ok(c) => c,
         Err(e) => {

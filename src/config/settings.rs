@@ -220,7 +220,7 @@ settings! {
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum Command {
     /// Show the five fixes on a throwaway database.
-    Demo,
+    Demo(crate::demo::DemoArgs),
 }
 
 /// `[databases.NAME]`: a client-visible database name mapped to an upstream.

@@ -4,6 +4,7 @@ mod harness;
 
 mod auth;
 mod cache;
+mod demo;
 mod drivers;
 mod limits;
 mod ops;
