@@ -154,5 +154,6 @@ pub fn render(app: &App) -> String {
         o.sample(&format!("{h}_count"), &[("database", db), ("user", user)], cum);
     }
     o.0.push_str(&app.limits.prometheus());
+    o.0.push_str(&crate::batch::report::prometheus(&app.batch));
     o.0
 }

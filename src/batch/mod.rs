@@ -4,9 +4,11 @@
 //!
 //! - `wire`: Bind reading, array building, ordinal stripping, per-asker replies (pure).
 //! - `run`: learning a shape's parameter type and executing a merged statement on a server connection.
+//! - `report`: SHOW BATCHES, SHOW NPLUSONE, /metrics.
 //! - `detect`: per-session N+1 pattern tracking and the `SHOW NPLUSONE` aggregates.
 
 pub mod detect;
+pub mod report;
 pub mod run;
 pub mod wire;
 

@@ -103,8 +103,7 @@ impl Session {
         };
         let had_parse = parse.is_some();
         let param = bind.param.map(Bytes::copy_from_slice);
-        let free = self.pool.idle_count() > 0 || self.pool.total_servers.load(Ordering::Relaxed) < self.pool.size();
-        let must_wait = !cfg.max_wait.is_zero() || !free;
+        let must_wait = !cfg.max_wait.is_zero() || !self.pool.has_free_server();
         match batcher.join(key, param, cfg.max_batch_size, must_wait) {
             Role::Pass => Ok(Intercepted::Pass),
             Role::Follower(rx) => self.follow(rx, at, lookup, had_parse).await,
