@@ -138,6 +138,12 @@ impl Batcher {
         v
     }
 
+    /// Whether any batch is pending (a lookup with a free server and no batch to join passes without
+    /// building its key).
+    pub fn any_pending(&self) -> bool {
+        !self.pending.lock().is_empty()
+    }
+
     /// Joins the pending batch for `key`, or starts one (as its leader) when the lookup would otherwise wait
     /// (`must_wait`: no free server connection, or a `max_wait` window); else `Pass`.
     pub fn join(self: &Arc<Self>, key: BatchKey, param: Option<Bytes>, max: usize, must_wait: bool) -> Role {

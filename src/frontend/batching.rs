@@ -80,6 +80,11 @@ impl Session {
             _ => return Ok(Intercepted::Pass),
         };
         let Some(entry) = batcher.shape(sql) else { return Ok(Intercepted::Pass) };
+        // The common uncontended case first: a free server and nothing to join means straight through.
+        let must_wait = !cfg.max_wait.is_zero() || !self.pool.has_free_server();
+        if !must_wait && !batcher.any_pending() {
+            return Ok(Intercepted::Pass);
+        }
         let Some(bind) = wire::lookup_bind(bind_rest) else { return Ok(Intercepted::Pass) };
         if matches!(entry.learned(types), Learned::Never) || (bind.param_format == 0 && !self.encoding_is_safe()) {
             return Ok(Intercepted::Pass);
@@ -103,7 +108,6 @@ impl Session {
         };
         let had_parse = parse.is_some();
         let param = bind.param.map(Bytes::copy_from_slice);
-        let must_wait = !cfg.max_wait.is_zero() || !self.pool.has_free_server();
         match batcher.join(key, param, cfg.max_batch_size, must_wait) {
             Role::Pass => Ok(Intercepted::Pass),
             Role::Follower(rx) => self.follow(rx, at, lookup, had_parse).await,
