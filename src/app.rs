@@ -53,6 +53,8 @@ pub struct App {
     pub ops: crate::admin::Ops,
     /// The read cache, when enabled (enabling or disabling it needs a restart).
     pub cache: Option<Arc<crate::cache::Cache>>,
+    /// The N+1 batcher and detector (src/batch); merging is switched by `config.batch.enabled`.
+    pub batch: Arc<crate::batch::Batcher>,
 }
 
 impl App {
@@ -61,6 +63,7 @@ impl App {
         let cache = config.cache.enabled.then(|| Arc::new(crate::cache::Cache::new(config.cache.clone())));
         Arc::new(App {
             cache,
+            batch: Default::default(),
             limits,
             config: ArcSwap::from_pointee(config),
             pools: Mutex::new(HashMap::new()),

@@ -8,6 +8,7 @@ pub mod admin;
 pub mod app;
 pub mod auth;
 pub mod backend;
+pub mod batch;
 pub mod cache;
 pub mod cancel;
 pub mod config;

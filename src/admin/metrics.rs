@@ -168,6 +168,7 @@ pub fn render(app: &App) -> String {
         cache_metrics(&mut o, c);
     }
     o.0.push_str(&app.limits.prometheus());
+    o.0.push_str(&crate::batch::report::prometheus(&app.batch));
     o.0
 }
 

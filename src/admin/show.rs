@@ -34,6 +34,8 @@ pub const SHOWS: &[Show] = &[
     Show { name: "LIMITS", run: limits },
     Show { name: "CACHE", run: cache },
     Show { name: "CACHE STATEMENTS", run: cache_statements },
+    Show { name: "BATCHES", run: crate::batch::report::show_batches },
+    Show { name: "NPLUSONE", run: crate::batch::report::show_nplusone },
 ];
 
 /// The read cache: entries, bytes, hits, misses, hit ratio, evictions, invalidations.

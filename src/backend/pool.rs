@@ -182,6 +182,11 @@ impl Pool {
         self.idle.lock().len()
     }
 
+    /// A checkout now would not queue: more permits free than checkouts already waiting (the batcher's test).
+    pub fn has_free_server(&self) -> bool {
+        self.permits.available_permits() > self.stats.waiting.load(Ordering::Relaxed)
+    }
+
     pub fn size(&self) -> usize {
         self.size.load(Ordering::Relaxed)
     }

@@ -50,7 +50,7 @@ impl Proxy {
         s.cache_flag = Some(true);
         s.batch_flag = Some(true);
         let config = Config::build(s).map_err(|e| e.to_string())?;
-        let features = Features { pooling: true, cache: config.cache.enabled, batch: false, rate_limits: true };
+        let features = Features { pooling: true, cache: config.cache.enabled, batch: config.batch.enabled, rate_limits: true };
         let listener = match TcpListener::bind(("127.0.0.1", port)).await {
             Ok(l) => l,
             Err(_) => TcpListener::bind("127.0.0.1:0").await.map_err(|e| format!("bind pgsurge: {e}"))?,

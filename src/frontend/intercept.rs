@@ -16,7 +16,7 @@ use crate::protocol::codes::*;
 use crate::sql::StatementClass;
 
 /// Settings that change what a SELECT returns (correctness.md): part of every cache key.
-const OUTPUT_SETTINGS: &[&str] = &[
+pub(crate) const OUTPUT_SETTINGS: &[&str] = &[
     "search_path",
     "timezone",
     "datestyle",

@@ -1,5 +1,6 @@
 //! Client side: the listener, the startup/auth handshake, and the per-client session loop.
 
+pub mod batching;
 pub mod expect;
 pub mod handshake;
 pub mod intercept;

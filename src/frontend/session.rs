@@ -89,6 +89,8 @@ pub struct Session {
     pub admission: Option<crate::limit::Admission>,
     /// query_timeout / idle_transaction_timeout.
     pub(crate) timers: SessionTimers,
+    /// N+1 detection state (src/batch/detect.rs).
+    pub(crate) nplus: crate::batch::detect::Tracker,
 }
 
 impl Session {
@@ -108,6 +110,7 @@ impl Session {
         Session {
             admission: None,
             timers,
+            nplus: Default::default(),
             app,
             client,
             rbuf,
@@ -217,7 +220,8 @@ impl Session {
                 self.fail_request(e, at).await?;
                 continue;
             }
-            // limit -> cache -> (batch) -> pool: only a request that would start a fresh transaction is answered here.
+            self.observe_lookup(at);
+            // limit -> cache -> batch -> pool: only a request that would start a fresh transaction is answered here.
             if self.server.is_none()
                 && self.status == TxStatus::Idle
                 && self.pins.is_empty()
@@ -229,6 +233,10 @@ impl Session {
                     continue;
                 }
                 if let super::intercept::Intercepted::Answered(n) = self.try_cache(at).await? {
+                    self.rbuf.advance(n);
+                    continue;
+                }
+                if let super::intercept::Intercepted::Answered(n) = self.try_batch(at).await? {
                     self.rbuf.advance(n);
                     continue;
                 }
@@ -408,7 +416,7 @@ impl Session {
     }
 
     /// Checks out a server connection and brings its session settings in line with this client's.
-    async fn acquire(&mut self) -> Result<()> {
+    pub(super) async fn acquire(&mut self) -> Result<()> {
         let _waiting = self.cancel.waiting();
         let checkout = tokio::select! {
             r = self.pool.checkout_for(self.wait_timeout, self.admission.as_ref().map(|a| &a.fair_key)) => r?,
@@ -455,7 +463,7 @@ impl Session {
 
     /// Answers the frames in `rbuf[..at]` with `err` as Postgres would: the error, then ReadyForQuery at the
     /// first Query or Sync; without one, drop messages until the client's Sync arrives.
-    async fn fail_request(&mut self, err: Error, at: usize) -> Result<()> {
+    pub(super) async fn fail_request(&mut self, err: Error, at: usize) -> Result<()> {
         self.capture = None;
         self.app.ops.errors.count(err.sqlstate());
         let mut out = BytesMut::new();
@@ -645,7 +653,7 @@ impl Session {
     }
 
     /// Gives the server connection back; a cancel being delivered to it finishes first.
-    async fn release(&mut self, state: ReleaseState) {
+    pub(super) async fn release(&mut self, state: ReleaseState) {
         if let Some(mut co) = self.server.take() {
             if self.cancel.try_set(None).is_err() {
                 self.cancel.set(None).await;
@@ -790,7 +798,7 @@ fn note_pins(pins: &mut HashSet<Pin>, fx: &[Effect], pool: &Pool) {
 }
 
 /// Applies a completed statement's effect on settings to what the client wants and what the server has.
-fn apply_setting(e: Effect, wanted: &mut Settings, startup: &Settings, applied: &mut Settings) {
+pub(super) fn apply_setting(e: Effect, wanted: &mut Settings, startup: &Settings, applied: &mut Settings) {
     match e {
         Effect::Set { name, sql } => {
             applied.insert(name.clone(), sql.clone());
