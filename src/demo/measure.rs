@@ -220,6 +220,15 @@ where
         done: Arc::new(AtomicU64::new(0)),
         budget: Arc::new(AtomicI64::new(budget)),
     };
+    // Backends of the previous side (1,000 direct clients) take a moment to exit: let them go first, so each
+    // side's peak counts only its own connections. Bounded: 10 s, then measure anyway.
+    let settled = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < settled {
+        match env.monitor.backends().await {
+            Ok(n) if n > crate::demo::proxy::POOL_SIZE as i64 => tokio::time::sleep(Duration::from_millis(50)).await,
+            _ => break,
+        }
+    }
     let before = env.monitor.executed().await.ok();
     let peak = Arc::new(AtomicI64::new(0));
     let ticker = tokio::spawn(tick(env.monitor.clone(), peak.clone(), run.done.clone(), format!("{label} · {}", target.label()), env.tty));
