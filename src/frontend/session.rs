@@ -723,7 +723,12 @@ fn ensure_prepared(conn: &mut ServerConn, stmt: &Statement, expect: &mut Expecta
 /// statement is answered here; `DEALLOCATE ALL` and `DISCARD ALL` also forget them (and go to the server).
 fn statement_commands(body: &[u8], stmts: &mut HashMap<Bytes, Arc<Statement>>, conn: &mut ServerConn, status: TxStatus) -> Option<Bytes> {
     let text = view::query_text(body)?;
-    if text.len() > 64 {
+    // The hot path: nearly every query is neither; decide that without allocating.
+    let head = text.trim_ascii_start();
+    if text.len() > 64
+        || !(head.len() >= 7
+            && (head[..7].eq_ignore_ascii_case(b"discard") || head.len() >= 10 && head[..10].eq_ignore_ascii_case(b"deallocate")))
+    {
         return None;
     }
     let text = String::from_utf8_lossy(text);

@@ -60,15 +60,32 @@ fn first_keyword(sql: &str) -> String {
     s.bytes().take(10).take_while(|b| b.is_ascii_alphabetic()).map(|b| b.to_ascii_lowercase() as char).collect()
 }
 
+/// Whether the first keyword of `sql` is one of `KEYWORDS`, without allocating (the hot path: every query).
+fn keyword_may_have_effects(sql: &str) -> bool {
+    let head = sql.trim_start();
+    if head.starts_with("--") || head.starts_with("/*") {
+        return KEYWORDS.contains(&first_keyword(sql).as_str());
+    }
+    let mut buf = [0u8; 10];
+    let mut n = 0;
+    for b in head.bytes().take(10) {
+        if !b.is_ascii_alphabetic() {
+            break;
+        }
+        buf[n] = b.to_ascii_lowercase();
+        n += 1;
+    }
+    KEYWORDS.iter().any(|k| k.as_bytes() == &buf[..n])
+}
+
 fn contains_ci(hay: &str, needle: &str) -> bool {
     hay.as_bytes().windows(needle.len()).any(|w| w.eq_ignore_ascii_case(needle.as_bytes()))
 }
 
 /// The session effects of `sql`; empty for ordinary statements (decided without parsing when possible).
 pub fn effects(sql: &str) -> Vec<Effect> {
-    let kw = first_keyword(sql);
     let functions = contains_ci(sql, "advisory") || contains_ci(sql, "set_config");
-    if !KEYWORDS.contains(&kw.as_str()) && !functions {
+    if !functions && !keyword_may_have_effects(sql) {
         return vec![];
     }
     let Ok(parsed) = pg_query::parse(sql, 0) else { return vec![] };
