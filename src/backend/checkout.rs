@@ -106,6 +106,7 @@ async fn reset(mut conn: ServerConn, rollback: bool, discard: bool) -> Option<Se
         }
         conn.applied.clear();
         conn.prepared.clear();
+        conn.unclosed.clear();
     }
     Some(conn)
 }

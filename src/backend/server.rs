@@ -67,6 +67,9 @@ pub struct ServerConn {
     pub applied: crate::frontend::params::Settings,
     /// Statements prepared here under pgsurge's names (registry id -> server name), least recently used first out.
     pub prepared: lru::LruCache<u64, String>,
+    /// Statements pgsurge closed but the server did not (the Close was skipped after an error): still prepared
+    /// there under these names, so they are closed before being prepared again.
+    pub unclosed: Vec<String>,
     pub created: Instant,
     pub last_used: Instant,
 }
@@ -97,6 +100,7 @@ impl ServerConn {
             reported: vec![],
             applied: BTreeMap::new(),
             prepared: lru::LruCache::new(target.max_prepared),
+            unclosed: vec![],
             created: Instant::now(),
             last_used: Instant::now(),
         };

@@ -23,8 +23,10 @@ pub enum Expect {
     Execute {
         effects: Vec<Effect>,
     },
+    /// `closing`: the server name of a statement pgsurge closes itself (an LRU eviction, a stale plan).
     Close {
         swallow: bool,
+        closing: Option<String>,
     },
     Sync,
     /// A simple Query or FunctionCall: everything up to its ReadyForQuery; its `effects` count if no error came.
@@ -69,7 +71,7 @@ fn kind(e: &Expect) -> Kind {
         Expect::Bind => Kind::Bind,
         Expect::DescribeStatement | Expect::DescribePortal => Kind::Describe,
         Expect::Execute { .. } => Kind::Execute,
-        Expect::Close { swallow } => Kind::Close(*swallow),
+        Expect::Close { swallow, .. } => Kind::Close(*swallow),
         Expect::Sync => Kind::Sync,
         _ => Kind::Other,
     }
@@ -80,11 +82,20 @@ pub struct Expectations {
     q: VecDeque<Expect>,
     /// The server is in COPY IN: it ignores Sync (and Flush) until the client's CopyDone/CopyFail.
     copy_in: bool,
+    /// An error ended an extended-protocol run whose Sync the client has not sent yet: the server ignores
+    /// every message up to that Sync, so nothing is owed for them (src/frontend/session.rs drops them).
+    aborted: bool,
+    /// Statements pgsurge closed whose Close the server skipped after an error: still prepared there.
+    unclosed: Vec<String>,
 }
 
 impl Expectations {
     pub fn push(&mut self, e: Expect) {
         self.q.push_back(e);
+    }
+
+    pub fn len(&self) -> usize {
+        self.q.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -94,10 +105,22 @@ impl Expectations {
     pub fn clear(&mut self) {
         self.q.clear();
         self.copy_in = false;
+        self.aborted = false;
+    }
+
+    /// The server is skipping messages until the client's next Sync.
+    pub fn server_skipping(&self) -> bool {
+        self.aborted
+    }
+
+    /// Server names of statements whose Close the server skipped (they are still prepared there).
+    pub fn take_unclosed(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.unclosed)
     }
 
     /// A client Sync: owed a ReadyForQuery unless the server is in COPY IN, where it ignores Sync.
     pub fn client_sync(&mut self) {
+        self.aborted = false;
         if !self.copy_in {
             self.q.push_back(Expect::Sync);
         }
@@ -186,13 +209,25 @@ impl Expectations {
             }
             ERROR_RESPONSE => {
                 self.copy_in = false;
-                // The server now skips everything up to Sync, and so do the replies the client is owed.
-                while let Some(f) = self.q.front() {
-                    if matches!(f, Expect::Sync | Expect::Query { .. } | Expect::Setting { .. }) {
-                        break;
+                // The server now skips every message up to the client's next Sync (simple Queries included), and
+                // so do the replies the client is owed. If that Sync has not been sent yet, what the client
+                // sends until it is skipped too.
+                if front == Kind::Sync {
+                    return Action::Forward; // an error at Sync itself (the implicit COMMIT): no skipping follows
+                }
+                loop {
+                    match self.q.front() {
+                        Some(Expect::Sync) => break,
+                        None => {
+                            self.aborted = true;
+                            break;
+                        }
+                        _ => {}
                     }
-                    if let Some(Expect::Parse { stmt: Some(id), .. }) = self.q.pop_front() {
-                        unprepared.push(id);
+                    match self.q.pop_front() {
+                        Some(Expect::Parse { stmt: Some(id), .. }) => unprepared.push(id),
+                        Some(Expect::Close { closing: Some(name), .. }) => self.unclosed.push(name),
+                        _ => {}
                     }
                 }
                 Action::Forward
@@ -286,6 +321,48 @@ mod tests {
         assert!(due.is_empty(), "the CloseComplete after a failed Bind is never sent");
         e.on_server_frame(READY_FOR_QUERY, &mut vec![], &mut vec![]);
         assert!(e.is_empty());
+    }
+
+    #[test]
+    fn an_error_before_the_sync_was_sent_skips_what_the_client_sends_until_it() {
+        // psycopg pipeline: Parse, Bind of `SELECT 1/0`; the error arrives before the rest of the run is sent.
+        let mut e = Expectations::default();
+        e.push(Expect::Parse { swallow: false, stmt: None });
+        e.push(Expect::Bind);
+        assert!(!e.server_skipping());
+        feed(&mut e, b"1E");
+        assert!(e.is_empty());
+        assert!(e.server_skipping(), "the server ignores the client's messages until its Sync");
+        e.client_sync();
+        assert!(!e.server_skipping());
+        assert_eq!(feed(&mut e, b"Z"), vec![Action::Forward]);
+        assert!(e.is_empty(), "the ReadyForQuery answers the Sync: the server can go back to the pool");
+    }
+
+    #[test]
+    fn an_error_at_sync_itself_skips_nothing() {
+        let mut e = Expectations::default();
+        e.push(Expect::Bind);
+        e.push(Expect::Execute { effects: vec![] });
+        e.client_sync();
+        feed(&mut e, b"2CE");
+        assert!(!e.server_skipping());
+        feed(&mut e, b"Z");
+        assert!(e.is_empty());
+    }
+
+    #[test]
+    fn a_close_the_server_skipped_leaves_the_statement_prepared() {
+        let mut e = Expectations::default();
+        e.push(Expect::Bind);
+        e.push(Expect::Close { swallow: true, closing: Some("pgsurge_3".into()) });
+        e.push(Expect::Parse { swallow: true, stmt: Some(4) });
+        e.client_sync();
+        let mut unprepared = vec![];
+        e.on_server_frame(ERROR_RESPONSE, &mut unprepared, &mut vec![]);
+        assert_eq!(unprepared, vec![4]);
+        assert_eq!(e.take_unclosed(), vec!["pgsurge_3".to_string()]);
+        assert!(!e.server_skipping(), "the Sync was already sent");
     }
 
     #[test]

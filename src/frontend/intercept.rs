@@ -103,20 +103,30 @@ pub enum Intercepted {
 }
 
 impl Session {
-    /// `[Close statement]... Sync` with nothing outstanding and no server held: pgsurge answers it itself
-    /// (CloseComplete for each, then ReadyForQuery), so a driver dropping a statement costs no round trip.
-    pub(crate) async fn try_close_only(&mut self, at: usize) -> Result<Intercepted> {
+    /// Requests that need no server, with nothing outstanding and no server held, answered here so they cost no
+    /// checkout and no round trip: `[Close statement]... Sync` (CloseComplete for each, then ReadyForQuery), a
+    /// lone Sync (ReadyForQuery), and Flushes (nothing is pending, so nothing to send: psycopg sends one after
+    /// every pipeline, and forwarding it would hold a server connection through the client's think time).
+    pub(crate) async fn try_local(&mut self, at: usize) -> Result<Intercepted> {
         let mut pos = 0;
         let mut names = vec![];
-        loop {
-            let Ok(Some(n)) = crate::protocol::frame::complete_len(&self.rbuf[pos..at], usize::MAX) else { return Ok(Intercepted::Pass) };
+        let synced = loop {
+            let Ok(Some(n)) = crate::protocol::frame::complete_len(&self.rbuf[pos..at], usize::MAX) else { break false };
             let (tag, body) = (self.rbuf[pos], &self.rbuf[pos + 5..pos + n]);
-            pos += n;
             match (tag, super::statements::target_view(body)) {
                 (CLOSE, Some((b'S', name))) if self.stmts.contains_key(name) => names.push(Bytes::copy_from_slice(name)),
-                (SYNC, _) if !names.is_empty() => break,
-                _ => return Ok(Intercepted::Pass),
+                (FLUSH, _) => {}
+                (SYNC, _) => {
+                    pos += n;
+                    break true;
+                }
+                _ => break false,
             }
+            pos += n;
+        };
+        if !synced {
+            // Only Flushes before something that needs the server (or the end of what has arrived).
+            return Ok(if names.is_empty() && pos > 0 { Intercepted::Answered(pos) } else { Intercepted::Pass });
         }
         let mut out = BytesMut::new();
         for name in names {

@@ -228,7 +228,7 @@ impl Session {
                 && self.expect.is_empty()
                 && self.capture.is_none()
             {
-                if let super::intercept::Intercepted::Answered(n) = self.try_close_only(at).await? {
+                if let super::intercept::Intercepted::Answered(n) = self.try_local(at).await? {
                     self.rbuf.advance(n);
                     continue;
                 }
@@ -266,6 +266,7 @@ impl Session {
     async fn forward_client(&mut self, at: usize) -> Result<()> {
         let co = self.server.as_mut().expect("acquired");
         let conn = co.conn();
+        trace_chunk("client", &self.rbuf[..at], &self.client, conn.id, self.expect.len());
         let mut out: Option<BytesMut> = None;
         let mut run_from = 0;
         let mut pos = 0;
@@ -276,105 +277,116 @@ impl Session {
             let body = &self.rbuf[pos + 5..pos + n];
             // None: forward this frame verbatim. Some(bytes): send these instead (empty: send nothing).
             let mut replace: Option<BytesMut> = None;
-            match tag {
-                QUERY | FUNCTION_CALL => {
-                    queries += 1;
-                    self.unsynced = false;
-                    if tag == QUERY {
-                        if let Some(local) = statement_commands(body, &mut self.stmts, conn, self.status) {
-                            self.expect.push(Expect::Synthetic(local));
-                            replace = Some(BytesMut::new());
-                        }
-                    }
-                    if replace.is_none() {
-                        if let (Some(cache), Some(text)) = (&self.app.cache, view::query_text(body)) {
-                            self.writes.note(cache, &Bytes::copy_from_slice(text));
-                        }
-                        let fx = view::query_text(body).map(|t| effects::effects(&String::from_utf8_lossy(t))).unwrap_or_default();
-                        note_pins(&mut self.pins, &fx, &self.pool);
-                        self.expect.push(Expect::Query { swallow: false, effects: fx, failed: false });
-                    }
-                }
-                SYNC => {
-                    queries += 1;
-                    self.unsynced = false;
-                    self.expect.client_sync();
-                }
-                COPY_DONE | COPY_FAIL => self.expect.client_copy_end(),
-                PARSE => {
-                    self.unsynced = true;
-                    match st::parse_view(body) {
-                        Some((name, query, types)) if !name.is_empty() => {
-                            let stmt = self.app.statements.intern(query, types);
-                            self.stmts.insert(Bytes::copy_from_slice(name), stmt.clone());
-                            let mut b = BytesMut::new();
-                            if conn.prepared.get(&stmt.id).is_some() {
-                                self.expect.push(Expect::Synthetic(st::empty_msg(PARSE_COMPLETE)));
-                            } else {
-                                prepare_on(conn, &stmt, &mut self.expect, &mut b, false);
+            if self.expect.server_skipping() && tag != SYNC {
+                // An error ended this extended-protocol run: Postgres ignores everything up to the client's Sync
+                // (simple Queries too), so pgsurge drops it here; nothing is owed, prepared or run.
+                self.unsynced = true;
+                replace = Some(BytesMut::new());
+            } else {
+                match tag {
+                    QUERY | FUNCTION_CALL => {
+                        queries += 1;
+                        self.unsynced = false;
+                        if tag == QUERY {
+                            if let Some(local) = statement_commands(body, &mut self.stmts, conn, self.status) {
+                                self.expect.push(Expect::Synthetic(local));
+                                replace = Some(BytesMut::new());
                             }
-                            replace = Some(b);
                         }
-                        Some((_, query, _)) => {
-                            self.unnamed_effects = effects::effects(&String::from_utf8_lossy(query));
-                            if self.app.cache.is_some() {
-                                self.unnamed_sql = Some(Bytes::copy_from_slice(query));
+                        if replace.is_none() {
+                            if let (Some(cache), Some(text)) = (&self.app.cache, view::query_text(body)) {
+                                self.writes.note(cache, &Bytes::copy_from_slice(text));
                             }
-                            self.expect.push(Expect::Parse { swallow: false, stmt: None });
-                        }
-                        None => self.expect.push(Expect::Parse { swallow: false, stmt: None }),
-                    }
-                }
-                BIND => {
-                    self.unsynced = true;
-                    if let Some((portal, name, rest)) = st::bind_view(body) {
-                        if let Some(stmt) = self.stmts.get(name).cloned() {
-                            let mut b = BytesMut::new();
-                            ensure_prepared(conn, &stmt, &mut self.expect, &mut b);
-                            st::put_bind(&mut b, portal, &stmt.server_name, rest);
-                            replace = Some(b);
-                            self.portal_effects.clone_from(&stmt.effects);
-                            self.portal_sql = Some(stmt.query.clone());
-                        } else if name.is_empty() {
-                            self.portal_effects.clone_from(&self.unnamed_effects);
-                            self.portal_sql.clone_from(&self.unnamed_sql);
+                            let fx = view::query_text(body).map(|t| effects::effects(&String::from_utf8_lossy(t))).unwrap_or_default();
+                            note_pins(&mut self.pins, &fx, &self.pool);
+                            self.expect.push(Expect::Query { swallow: false, effects: fx, failed: false });
                         }
                     }
-                    self.expect.push(Expect::Bind);
-                }
-                DESCRIBE => {
-                    self.unsynced = true;
-                    let target = st::target_view(body);
-                    if let Some((b'S', name)) = target {
-                        if let Some(stmt) = self.stmts.get(name).cloned() {
-                            let mut b = BytesMut::new();
-                            ensure_prepared(conn, &stmt, &mut self.expect, &mut b);
-                            st::put_target(&mut b, DESCRIBE, &stmt.server_name);
-                            replace = Some(b);
+                    SYNC => {
+                        queries += 1;
+                        self.unsynced = false;
+                        self.expect.client_sync();
+                    }
+                    COPY_DONE | COPY_FAIL => self.expect.client_copy_end(),
+                    PARSE => {
+                        self.unsynced = true;
+                        match st::parse_view(body) {
+                            Some((name, query, types)) if !name.is_empty() => {
+                                let stmt = self.app.statements.intern(query, types);
+                                self.stmts.insert(Bytes::copy_from_slice(name), stmt.clone());
+                                let mut b = BytesMut::new();
+                                if conn.prepared.get(&stmt.id).is_some() {
+                                    self.expect.push(Expect::Synthetic(st::empty_msg(PARSE_COMPLETE)));
+                                } else {
+                                    prepare_on(conn, &stmt, &mut self.expect, &mut b, false);
+                                }
+                                replace = Some(b);
+                            }
+                            Some((_, query, _)) => {
+                                self.unnamed_effects = effects::effects(&String::from_utf8_lossy(query));
+                                if self.app.cache.is_some() {
+                                    self.unnamed_sql = Some(Bytes::copy_from_slice(query));
+                                }
+                                self.expect.push(Expect::Parse { swallow: false, stmt: None });
+                            }
+                            None => self.expect.push(Expect::Parse { swallow: false, stmt: None }),
                         }
                     }
-                    self.expect.push(if matches!(target, Some((b'P', _))) { Expect::DescribePortal } else { Expect::DescribeStatement });
-                }
-                CLOSE => {
-                    self.unsynced = true;
-                    match st::target_view(body) {
-                        Some((b'S', name)) if !name.is_empty() && self.stmts.remove(name).is_some() => {
-                            // The server keeps it (other clients may use it); the client gets its CloseComplete.
-                            self.expect.push(Expect::Synthetic(st::empty_msg(CLOSE_COMPLETE)));
-                            replace = Some(BytesMut::new());
+                    BIND => {
+                        self.unsynced = true;
+                        if let Some((portal, name, rest)) = st::bind_view(body) {
+                            if let Some(stmt) = self.stmts.get(name).cloned() {
+                                let mut b = BytesMut::new();
+                                ensure_prepared(conn, &stmt, &mut self.expect, &mut b);
+                                st::put_bind(&mut b, portal, &stmt.server_name, rest);
+                                replace = Some(b);
+                                self.portal_effects.clone_from(&stmt.effects);
+                                self.portal_sql = Some(stmt.query.clone());
+                            } else if name.is_empty() {
+                                self.portal_effects.clone_from(&self.unnamed_effects);
+                                self.portal_sql.clone_from(&self.unnamed_sql);
+                            }
                         }
-                        _ => self.expect.push(Expect::Close { swallow: false }),
+                        self.expect.push(Expect::Bind);
                     }
-                }
-                EXECUTE => {
-                    self.unsynced = true;
-                    note_pins(&mut self.pins, &self.portal_effects, &self.pool);
-                    if let (Some(cache), Some(sql)) = (&self.app.cache, &self.portal_sql) {
-                        self.writes.note(cache, sql);
+                    DESCRIBE => {
+                        self.unsynced = true;
+                        let target = st::target_view(body);
+                        if let Some((b'S', name)) = target {
+                            if let Some(stmt) = self.stmts.get(name).cloned() {
+                                let mut b = BytesMut::new();
+                                ensure_prepared(conn, &stmt, &mut self.expect, &mut b);
+                                st::put_target(&mut b, DESCRIBE, &stmt.server_name);
+                                replace = Some(b);
+                            }
+                        }
+                        self.expect.push(if matches!(target, Some((b'P', _))) {
+                            Expect::DescribePortal
+                        } else {
+                            Expect::DescribeStatement
+                        });
                     }
-                    self.expect.push(Expect::Execute { effects: self.portal_effects.clone() });
+                    CLOSE => {
+                        self.unsynced = true;
+                        match st::target_view(body) {
+                            Some((b'S', name)) if !name.is_empty() && self.stmts.remove(name).is_some() => {
+                                // The server keeps it (other clients may use it); the client gets its CloseComplete.
+                                self.expect.push(Expect::Synthetic(st::empty_msg(CLOSE_COMPLETE)));
+                                replace = Some(BytesMut::new());
+                            }
+                            _ => self.expect.push(Expect::Close { swallow: false, closing: None }),
+                        }
+                    }
+                    EXECUTE => {
+                        self.unsynced = true;
+                        note_pins(&mut self.pins, &self.portal_effects, &self.pool);
+                        if let (Some(cache), Some(sql)) = (&self.app.cache, &self.portal_sql) {
+                            self.writes.note(cache, sql);
+                        }
+                        self.expect.push(Expect::Execute { effects: self.portal_effects.clone() });
+                    }
+                    _ => {} // Flush and CopyData belong to a request already accounted for
                 }
-                _ => {} // Flush and CopyData belong to a request already accounted for
             }
             if let Some(r) = replace {
                 let o = out.get_or_insert_with(|| BytesMut::with_capacity(at + 64));
@@ -535,7 +547,7 @@ impl Session {
                     st::put_target(&mut close, CLOSE, &stmt.server_name);
                     close.extend_from_slice(&encode::flush());
                     conn.stream.write_all(&close).await.map_err(|e| Error::UpstreamLost(e.to_string()))?;
-                    self.expect.push(Expect::Close { swallow: true });
+                    self.expect.push(Expect::Close { swallow: true, closing: Some(stmt.server_name.clone()) });
                     action = Action::Swallow;
                 }
             } else if tag == READY_FOR_QUERY && self.retry.swallow_rfq {
@@ -622,6 +634,8 @@ impl Session {
         for id in unprepared {
             conn.prepared.pop(&id);
         }
+        conn.unclosed.extend(self.expect.take_unclosed());
+        trace_chunk("server", &conn.rbuf[..at], &self.client, conn.id, self.expect.len());
         let written = match out.as_mut() {
             Some(o) => {
                 o.extend_from_slice(&conn.rbuf[run_from..at]);
@@ -702,10 +716,16 @@ impl Session {
 /// Queues a Parse of `stmt` under its server name on this connection, evicting (and closing) the least
 /// recently used statement if the connection's set is full.
 fn prepare_on(conn: &mut ServerConn, stmt: &Statement, expect: &mut Expectations, out: &mut BytesMut, swallow: bool) {
+    if let Some(i) = conn.unclosed.iter().position(|n| *n == stmt.server_name) {
+        // An earlier Close of it was skipped after an error: close it for real before preparing it again.
+        let name = conn.unclosed.swap_remove(i);
+        st::put_target(out, CLOSE, &name);
+        expect.push(Expect::Close { swallow: true, closing: Some(name) });
+    }
     if let Some((_, evicted)) = conn.prepared.push(stmt.id, stmt.server_name.clone()) {
         if evicted != stmt.server_name {
             st::put_target(out, CLOSE, &evicted);
-            expect.push(Expect::Close { swallow: true });
+            expect.push(Expect::Close { swallow: true, closing: Some(evicted) });
         }
     }
     out.extend_from_slice(&stmt.parse);
@@ -738,6 +758,7 @@ fn statement_commands(body: &[u8], stmts: &mut HashMap<Bytes, Arc<Statement>>, c
         ["discard", "all"] | ["deallocate", "all"] | ["deallocate", "prepare", "all"] => {
             stmts.clear();
             conn.prepared.clear();
+            conn.unclosed.clear();
             if words[0] == "discard" {
                 conn.applied.clear();
             }
@@ -875,4 +896,20 @@ impl Retry {
         self.pending = Some(self.bytes.split().freeze());
         true
     }
+}
+
+/// `RUST_LOG=pgsurge::wire=trace`: one line per chunk relayed, with its message types in order (a debugging aid
+/// for protocol sequences; costs one level check when off).
+fn trace_chunk(from: &str, chunk: &[u8], client: &Stream, server: u64, owed: usize) {
+    if !tracing::enabled!(target: "pgsurge::wire", tracing::Level::TRACE) {
+        return;
+    }
+    let mut tags = String::new();
+    let mut p = 0;
+    while let Some(n) = chunk.get(p..).and_then(|rest| complete_len(rest, usize::MAX).ok().flatten()) {
+        tags.push(chunk[p] as char);
+        p += n;
+    }
+    let client = client.tcp().and_then(|t| t.peer_addr().ok());
+    tracing::trace!(target: "pgsurge::wire", ?client, server, owed, from, "{tags}");
 }

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, BytesMut};
-use pgsurge::config::{Settings, UserSettings};
+use pgsurge::cache::config::BatchSettings;
+use pgsurge::config::{Dur, Settings, UserSettings};
 use rand::{Rng, SeedableRng};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -286,7 +287,18 @@ async fn concurrent_lookups_get_exactly_what_they_would_get_alone_in_far_fewer_s
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_key_that_fails_the_cast_fails_only_its_own_lookup() {
     let t = table().await;
-    let on = proxy(true, false).await;
+    // A merge window, so the bad key always rides in a merged statement (with a free server and no window,
+    // a lookup that arrives alone is sent alone and nothing would fall back).
+    let mut users = BTreeMap::new();
+    users.insert("app".to_string(), UserSettings { password: Some("app".into()), auth_type: Some("trust".into()), pool_size: None });
+    let on = Proxy::start(Settings {
+        users,
+        pool_size: Some(2),
+        batch_flag: Some(true),
+        batch: BatchSettings { max_wait: Some(Dur(Duration::from_millis(300))), ..Default::default() },
+        ..Default::default()
+    })
+    .await;
     let mut cases: Vec<Case> =
         (1..=40).map(|n| Case { column: "id", param: Some(n.to_string().into_bytes()), param_format: 0, result_format: 0 }).collect();
     cases[17].param = Some(b"abc".to_vec());

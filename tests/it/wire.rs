@@ -169,3 +169,119 @@ async fn a_cancel_while_waiting_for_a_server_ends_the_wait_with_57014() {
     holder.batch_execute("COMMIT").await.unwrap();
     assert_eq!(waiter.query_one("SELECT 4", &[]).await.unwrap().get::<_, i32>(0), 4);
 }
+
+/// Frontend messages of the extended protocol, unnamed statement and portal, no parameters.
+fn parse(out: &mut BytesMut, name: &str, sql: &str) {
+    encode::put_msg(out, b'P', |b| {
+        encode::put_cstr(b, name);
+        encode::put_cstr(b, sql);
+        b.put_i16(0);
+    });
+}
+
+fn bind(out: &mut BytesMut, statement: &str) {
+    encode::put_msg(out, b'B', |b| {
+        encode::put_cstr(b, "");
+        encode::put_cstr(b, statement);
+        b.put_slice(&[0, 0, 0, 0, 0, 0]);
+    });
+}
+
+fn describe_execute(out: &mut BytesMut) {
+    encode::put_msg(out, b'D', |b| b.put_slice(b"P\0"));
+    encode::put_msg(out, b'E', |b| b.put_slice(&[0, 0, 0, 0, 0]));
+}
+
+/// Reads whole messages until one with tag `until` has arrived; returns their tags and the bytes.
+async fn read_until(s: &mut TcpStream, buf: &mut BytesMut, until: u8) -> (Vec<u8>, Vec<u8>) {
+    let (mut tags, mut bytes) = (vec![], vec![]);
+    loop {
+        while buf.len() >= 5 {
+            let n = 1 + u32::from_be_bytes(buf[1..5].try_into().unwrap()) as usize;
+            if buf.len() < n {
+                break;
+            }
+            let m = buf.split_to(n);
+            tags.push(m[0]);
+            bytes.extend_from_slice(&m);
+            if m[0] == until {
+                return (tags, bytes);
+            }
+        }
+        assert!(s.read_buf(buf).await.unwrap() > 0, "connection closed");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_in_a_pipeline_whose_sync_is_not_sent_yet_skips_to_that_sync_and_frees_the_server() {
+    // psycopg's pipeline mode: the error comes back (after a Flush) before the rest of the run and its Sync
+    // are sent. Postgres ignores everything up to that Sync and answers only the Sync; so must pgsurge, and the
+    // one server connection of the pool must be free again for the next client.
+    let proxy = Proxy::start(trusting()).await;
+    let mut s = raw_logged_in(&proxy).await;
+    let mut buf = BytesMut::new();
+    let mut out = BytesMut::new();
+    parse(&mut out, "", "SELECT 1/0");
+    bind(&mut out, "");
+    out.extend_from_slice(&encode::flush());
+    s.write_all(&out).await.unwrap();
+    let (tags, bytes) = read_until(&mut s, &mut buf, b'E').await;
+    assert_eq!(tags, b"1E");
+    assert_eq!(error_code(&bytes).as_deref(), Some("22012"));
+
+    let mut out = BytesMut::new();
+    describe_execute(&mut out);
+    parse(&mut out, "", "SELECT 1");
+    bind(&mut out, "");
+    describe_execute(&mut out);
+    parse(&mut out, "named_after_error", "SELECT 2");
+    out.extend_from_slice(&encode::query("SELECT 3"));
+    encode::put_msg(&mut out, b'S', |_| {});
+    out.extend_from_slice(&encode::flush());
+    s.write_all(&out).await.unwrap();
+    let (tags, _) = read_until(&mut s, &mut buf, b'Z').await;
+    assert_eq!(tags, b"Z", "only the Sync is answered, as Postgres does");
+
+    let other = crate::harness::connect(&format!("host=127.0.0.1 port={} user=app dbname=app", proxy.addr.port())).await;
+    let n = tokio::time::timeout(Duration::from_secs(20), other.query_one("SELECT 2", &[])).await;
+    assert_eq!(n.expect("the pool's one server connection was given back").unwrap().get::<_, i32>(0), 2);
+
+    // The same connection works on, and the statement skipped after the error was never prepared.
+    let mut out = BytesMut::new();
+    bind(&mut out, "named_after_error");
+    encode::put_msg(&mut out, b'S', |_| {});
+    s.write_all(&out).await.unwrap();
+    let (tags, bytes) = read_until(&mut s, &mut buf, b'Z').await;
+    assert_eq!(tags, b"EZ");
+    assert_eq!(error_code(&bytes).as_deref(), Some("26000"), "prepared statement does not exist, as in Postgres");
+    let mut out = BytesMut::new();
+    parse(&mut out, "", "SELECT 41 + 1");
+    bind(&mut out, "");
+    describe_execute(&mut out);
+    encode::put_msg(&mut out, b'S', |_| {});
+    s.write_all(&out).await.unwrap();
+    let (tags, _) = read_until(&mut s, &mut buf, b'Z').await;
+    assert_eq!(tags, b"12TDCZ");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_flush_or_sync_takes_no_server_connection() {
+    // psycopg sends a Flush after every pipeline: with nothing pending it asks nothing of a server, and must not
+    // hold the pool's one connection while the client thinks.
+    let proxy = Proxy::start(trusting()).await;
+    let mut s = raw_logged_in(&proxy).await;
+    let mut buf = BytesMut::new();
+    s.write_all(&encode::flush()).await.unwrap();
+    let other = crate::harness::connect(&format!("host=127.0.0.1 port={} user=app dbname=app", proxy.addr.port())).await;
+    let n = tokio::time::timeout(Duration::from_secs(20), other.query_one("SELECT 2", &[])).await;
+    assert_eq!(n.expect("the Flush did not take the pool's one server connection").unwrap().get::<_, i32>(0), 2);
+
+    let mut out = BytesMut::new();
+    encode::put_msg(&mut out, b'S', |_| {});
+    out.extend_from_slice(&encode::flush());
+    s.write_all(&out).await.unwrap();
+    let (tags, bytes) = read_until(&mut s, &mut buf, b'Z').await;
+    assert_eq!((tags, bytes.last().copied()), (b"Z".to_vec(), Some(b'I')), "a lone Sync is answered ReadyForQuery idle");
+    let n = tokio::time::timeout(Duration::from_secs(20), other.query_one("SELECT 3", &[])).await;
+    assert_eq!(n.expect("nor did the Sync").unwrap().get::<_, i32>(0), 3);
+}
