@@ -80,6 +80,12 @@ impl App {
         *self.shutdown.borrow()
     }
 
+    /// Immediate shutdown: stop accepting, and end every client session at its next turn.
+    pub fn shutdown_now(&self) {
+        self.shutdown.send_replace(Shutdown::Immediate);
+        self.cancels.stop_all();
+    }
+
     /// The SCRAM verifier a client of `user` must match.
     pub fn scram_verifier(&self, user: &User) -> Option<Arc<ScramSecret>> {
         match &user.secret {

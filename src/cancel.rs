@@ -3,8 +3,9 @@
 //! the pool until the forwarded cancel has been delivered, so it never lands on the next client's query.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use parking_lot::Mutex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -27,16 +28,59 @@ pub struct CancelSlot {
     secret: u32,
     /// Wakes a client that is still waiting for a server connection: its request is cancelled in the queue.
     pub waiting_cancel: tokio::sync::Notify,
-    /// Held by a cancel in flight; the session takes it to change targets, so it waits for the delivery.
-    target: tokio::sync::Mutex<Option<Arc<CancelTarget>>>,
+    /// The server connection the client holds now, and how many cancels are being delivered to it: while one
+    /// is, the session cannot change targets (it waits on `delivered`). A plain lock held for a few instructions:
+    /// the session sets the target twice per transaction.
+    target: Mutex<Target>,
+    delivered: tokio::sync::Notify,
     /// What the client is doing, for SHOW CLIENTS: kept by `set`/`try_set`/`mark_waiting`, one relaxed store each.
     state: AtomicU8,
+    /// Set by an immediate shutdown; the session's loop watches it through `stopped()` (lock-free, unlike a
+    /// watch channel's `changed()`, which takes a lock on every poll).
+    stop: AtomicBool,
+    stop_waker: futures_util::task::AtomicWaker,
     /// When the client started waiting for a server connection, in µs since `created`.
     wait_started_us: AtomicU64,
     created: Instant,
 }
 
+#[derive(Default)]
+struct Target {
+    current: Option<Arc<CancelTarget>>,
+    delivering: u32,
+}
+
+/// A cancel being delivered: ends the delivery however the delivering future ends.
+struct Delivering<'a>(&'a CancelSlot);
+
+impl Drop for Delivering<'_> {
+    fn drop(&mut self) {
+        self.0.target.lock().delivering -= 1;
+        self.0.delivered.notify_waiters();
+    }
+}
+
 pub struct WaitingGuard<'a>(&'a CancelSlot);
+
+/// See `CancelSlot::stopped`.
+pub struct Stopped<'a>(&'a CancelSlot);
+
+impl std::future::Future for Stopped<'_> {
+    type Output = ();
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let slot = self.0;
+        if slot.stop.load(Ordering::Acquire) {
+            return Poll::Ready(());
+        }
+        slot.stop_waker.register(cx.waker());
+        if slot.stop.load(Ordering::Acquire) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+}
 
 impl Drop for WaitingGuard<'_> {
     fn drop(&mut self) {
@@ -66,9 +110,36 @@ impl ClientState {
 }
 
 impl CancelSlot {
-    pub async fn set(&self, t: Option<Arc<CancelTarget>>) {
-        self.note(t.is_some());
-        *self.target.lock().await = t;
+    /// Sets the target, after any cancel being delivered to the current one has been.
+    pub async fn set(&self, mut t: Option<Arc<CancelTarget>>) {
+        loop {
+            // Created before the check, so a delivery ending in between still wakes it.
+            let delivered = self.delivered.notified();
+            match self.try_set(t) {
+                Ok(()) => return,
+                Err(back) => t = back,
+            }
+            delivered.await;
+        }
+    }
+
+    /// Ends this client's session at its next turn (an immediate shutdown).
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        self.stop_waker.wake();
+    }
+
+    /// Resolves once `stop` has been called.
+    pub fn stopped(&self) -> Stopped<'_> {
+        Stopped(self)
+    }
+
+    /// Starts delivering a cancel to the current target, if there is one.
+    fn begin_delivery(&self) -> Option<(Arc<CancelTarget>, Delivering<'_>)> {
+        let mut g = self.target.lock();
+        let t = g.current.clone()?;
+        g.delivering += 1;
+        Some((t, Delivering(self)))
     }
 
     fn note(&self, active: bool) {
@@ -100,9 +171,8 @@ impl CancelSlot {
     /// Cancels the query of the server connection this client holds now, if any (query_timeout). Delivered under
     /// the slot's lock, so the connection cannot be handed to another client meanwhile.
     pub async fn cancel_current(&self) {
-        let guard = self.target.lock().await;
-        if let Some(t) = guard.as_ref() {
-            if let Err(e) = forward(t).await {
+        if let Some((t, _delivering)) = self.begin_delivery() {
+            if let Err(e) = forward(&t).await {
                 tracing::warn!(error = %e, "forwarding a query_timeout cancel failed");
             }
         }
@@ -110,14 +180,13 @@ impl CancelSlot {
 
     /// Non-waiting version for the hot path: succeeds unless a cancel is being delivered right now.
     pub fn try_set(&self, t: Option<Arc<CancelTarget>>) -> Result<(), Option<Arc<CancelTarget>>> {
-        match self.target.try_lock() {
-            Ok(mut g) => {
-                self.note(t.is_some());
-                *g = t;
-                Ok(())
-            }
-            Err(_) => Err(t),
+        let mut g = self.target.lock();
+        if g.delivering > 0 {
+            return Err(t);
         }
+        self.note(t.is_some());
+        g.current = t;
+        Ok(())
     }
 }
 
@@ -147,7 +216,10 @@ impl CancelRegistry {
         let slot = Arc::new(CancelSlot {
             secret,
             waiting_cancel: tokio::sync::Notify::new(),
-            target: tokio::sync::Mutex::new(None),
+            target: Mutex::new(Target::default()),
+            delivered: tokio::sync::Notify::new(),
+            stop: AtomicBool::new(false),
+            stop_waker: Default::default(),
             state: AtomicU8::new(0),
             wait_started_us: AtomicU64::new(0),
             created: Instant::now(),
@@ -163,22 +235,27 @@ impl CancelRegistry {
         CancelGuard { reg: self, pid, secret, slot }
     }
 
+    /// Stops every live client session (an immediate shutdown).
+    pub fn stop_all(&self) {
+        for slot in self.slots.lock().values() {
+            slot.stop();
+        }
+    }
+
     /// Handles one CancelRequest: silently ignored unless the key matches a live client with a query running.
     pub async fn cancel(&self, pid: u32, secret: &[u8]) {
         let Some(slot) = self.slots.lock().get(&pid).cloned() else { return };
         if secret != slot.secret.to_be_bytes() {
             return;
         }
-        let guard = slot.target.lock().await;
-        let Some(t) = guard.as_ref() else {
+        let Some((t, _delivering)) = slot.begin_delivery() else {
             // No query on a server: if the client waits in the queue, its wait ends with 57014.
             slot.waiting_cancel.notify_waiters();
             return;
         };
-        if let Err(e) = forward(t).await {
+        if let Err(e) = forward(&t).await {
             tracing::warn!(error = %e, "forwarding a cancel request failed");
         }
-        drop(guard);
     }
 }
 

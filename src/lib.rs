@@ -57,7 +57,7 @@ async fn drain(app: &Arc<App>) {
     while app.shutdown_state() == Shutdown::Draining && busy(app) > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    app.shutdown.send_replace(Shutdown::Immediate);
+    app.shutdown_now();
     let bound = tokio::time::Instant::now() + Duration::from_secs(2);
     while app.client_count() > 0 && tokio::time::Instant::now() < bound {
         tokio::time::sleep(Duration::from_millis(10)).await;

@@ -26,8 +26,12 @@ fn main() -> ExitCode {
         LogFormat::Json => tracing_subscriber::fmt().json().with_env_filter(filter).with_writer(std::io::stderr).init(),
         LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).init(),
     }
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    rt.worker_threads(worker_threads(config.workers));
+    // One worker: the current-thread scheduler (no work-stealing queues, no cross-thread wakeups to pay for).
+    let workers = worker_threads(config.workers);
+    let mut rt = if workers == 1 { tokio::runtime::Builder::new_current_thread() } else { tokio::runtime::Builder::new_multi_thread() };
+    if workers > 1 {
+        rt.worker_threads(workers);
+    }
     let rt = match rt.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -90,7 +94,7 @@ async fn signals(app: std::sync::Arc<App>) {
             }
             _ = int.recv() => {
                 tracing::info!("SIGINT: fast shutdown");
-                app.shutdown.send_replace(Shutdown::Immediate);
+                app.shutdown_now();
             }
             _ = hup.recv() => {
                 tracing::info!("SIGHUP: reloading the configuration");

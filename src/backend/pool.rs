@@ -258,6 +258,20 @@ impl Pool {
         Ok(co)
     }
 
+    /// A checkout that needs no waiting: nobody queued ahead (FIFO), a permit free, no shared budget to wait on,
+    /// and an idle connection ready. The common case of a pool that is not saturated, without the wait
+    /// machinery (queue registration, timer) that `checkout_for` sets up.
+    pub fn try_checkout_now(self: &Arc<Self>) -> Option<Checkout> {
+        if self.stats.waiting.load(Ordering::Relaxed) > 0 || self.is_paused() || self.budgets.load().is_some() {
+            return None;
+        }
+        let permit = self.permits.clone().try_acquire_owned().ok()?;
+        let conn = self.take_idle()?;
+        self.stats.record_wait(0);
+        self.stats.checkouts.fetch_add(1, Ordering::Relaxed);
+        Some(Checkout::new(conn, self.clone(), permit))
+    }
+
     /// Pops the warmest idle connection that is still good; closes the ones that are not.
     fn take_idle(&self) -> Option<ServerConn> {
         let s = self.settings.lock().clone();

@@ -10,7 +10,7 @@ use tokio_postgres::SimpleQueryMessage;
 use super::schema::{APP, FLOOD};
 use crate::config::{Config, Dur, Settings, UserSettings};
 use crate::limit::RuleSettings;
-use crate::{App, Shutdown};
+use crate::App;
 
 /// Server connections per (database, user) pool.
 pub const POOL_SIZE: usize = 10;
@@ -67,7 +67,7 @@ impl Proxy {
 
     /// Closes every client and server connection and waits (bounded) for pgsurge to finish.
     pub async fn stop(self) {
-        self.app.shutdown.send_replace(Shutdown::Immediate);
+        self.app.shutdown_now();
         let _ = tokio::time::timeout(Duration::from_secs(5), self.task).await;
     }
 }

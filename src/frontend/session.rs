@@ -85,6 +85,8 @@ pub struct Session {
     pub(crate) wait_timeout: Duration,
     pub(crate) cancel: Arc<CancelSlot>,
     pub(crate) shutdown: watch::Receiver<Shutdown>,
+    /// `PGSURGE_LOG=pgsurge::wire=trace` was on when the session began (see `trace_chunk`).
+    trace: bool,
     /// This client's connection caps and rates (src/limit); set after login.
     pub admission: Option<crate::limit::Admission>,
     /// query_timeout / idle_transaction_timeout.
@@ -106,6 +108,10 @@ impl Session {
         let cfg = app.config.load();
         let (max_message, wait_timeout) = (cfg.max_message_size, cfg.query_wait_timeout);
         let shutdown = app.shutdown.subscribe();
+        if *shutdown.borrow() == Shutdown::Immediate {
+            cancel.stop(); // registered after `App::shutdown_now` went through the clients
+        }
+        let trace = tracing::enabled!(target: "pgsurge::wire", tracing::Level::TRACE);
         let timers = SessionTimers::new(&cfg.limits);
         Session {
             admission: None,
@@ -138,6 +144,7 @@ impl Session {
             wait_timeout,
             cancel,
             shutdown,
+            trace,
         }
     }
 
@@ -163,13 +170,13 @@ impl Session {
                         biased;
                         r = conn.stream.read_buf(&mut conn.rbuf) => Io::Server(r),
                         r = self.client.read_buf(&mut self.rbuf) => Io::Client(r),
-                        _ = self.shutdown.changed() => Io::Shutdown,
+                        _ = self.cancel.stopped() => Io::Shutdown,
                         k = self.timers.fired(), if self.timers.is_armed() => Io::Timer(k),
                     }
                 }
                 None => tokio::select! {
                     r = self.client.read_buf(&mut self.rbuf) => Io::Client(r),
-                    _ = self.shutdown.changed() => Io::Shutdown,
+                    _ = self.cancel.stopped() => Io::Shutdown,
                 },
             };
             match ev {
@@ -178,11 +185,7 @@ impl Session {
                 Io::Client(Err(e)) => return Err(e.into()),
                 Io::Server(Ok(n)) if n > 0 => self.forward_server().await?,
                 Io::Server(r) => return self.server_lost(r.err()).await,
-                Io::Shutdown => {
-                    if *self.shutdown.borrow() == Shutdown::Immediate {
-                        return Err(Error::Shutdown);
-                    }
-                }
+                Io::Shutdown => return Err(Error::Shutdown),
                 Io::Timer(Fired::Query) => {
                     // The client then gets Postgres' own 57014; the slot's lock keeps the cancel off other clients.
                     let slot = self.cancel.clone();
@@ -266,7 +269,9 @@ impl Session {
     async fn forward_client(&mut self, at: usize) -> Result<()> {
         let co = self.server.as_mut().expect("acquired");
         let conn = co.conn();
-        trace_chunk("client", &self.rbuf[..at], &self.client, conn.id, self.expect.len());
+        if self.trace {
+            trace_chunk("client", &self.rbuf[..at], &self.client, conn.id, self.expect.len());
+        }
         let mut out: Option<BytesMut> = None;
         let mut run_from = 0;
         let mut pos = 0;
@@ -297,7 +302,7 @@ impl Session {
                             if let (Some(cache), Some(text)) = (&self.app.cache, view::query_text(body)) {
                                 self.writes.note(cache, &Bytes::copy_from_slice(text));
                             }
-                            let fx = view::query_text(body).map(|t| effects::effects(&String::from_utf8_lossy(t))).unwrap_or_default();
+                            let fx = view::query_text(body).map(effects::effects).unwrap_or_default();
                             note_pins(&mut self.pins, &fx, &self.pool);
                             self.expect.push(Expect::Query { swallow: false, effects: fx, failed: false });
                         }
@@ -323,7 +328,7 @@ impl Session {
                                 replace = Some(b);
                             }
                             Some((_, query, _)) => {
-                                self.unnamed_effects = effects::effects(&String::from_utf8_lossy(query));
+                                self.unnamed_effects = effects::effects(query);
                                 if self.app.cache.is_some() {
                                     self.unnamed_sql = Some(Bytes::copy_from_slice(query));
                                 }
@@ -429,12 +434,16 @@ impl Session {
 
     /// Checks out a server connection and brings its session settings in line with this client's.
     pub(super) async fn acquire(&mut self) -> Result<()> {
-        let _waiting = self.cancel.waiting();
-        let checkout = tokio::select! {
-            r = self.pool.checkout_for(self.wait_timeout, self.admission.as_ref().map(|a| &a.fair_key)) => r?,
-            _ = self.cancel.waiting_cancel.notified() => return Err(Error::Canceled("user request")),
+        let mut co = match self.pool.try_checkout_now() {
+            Some(co) => co,
+            None => {
+                let _waiting = self.cancel.waiting();
+                tokio::select! {
+                    r = self.pool.checkout_for(self.wait_timeout, self.admission.as_ref().map(|a| &a.fair_key)) => r?,
+                    _ = self.cancel.waiting_cancel.notified() => return Err(Error::Canceled("user request")),
+                }
+            }
         };
-        let mut co = checkout;
         if let Err(t) = self.cancel.try_set(Some(co.conn_ref().cancel_target.clone())) {
             self.cancel.set(t).await;
         }
@@ -635,7 +644,9 @@ impl Session {
             conn.prepared.pop(&id);
         }
         conn.unclosed.extend(self.expect.take_unclosed());
-        trace_chunk("server", &conn.rbuf[..at], &self.client, conn.id, self.expect.len());
+        if self.trace {
+            trace_chunk("server", &conn.rbuf[..at], &self.client, conn.id, self.expect.len());
+        }
         let written = match out.as_mut() {
             Some(o) => {
                 o.extend_from_slice(&conn.rbuf[run_from..at]);
@@ -869,7 +880,7 @@ impl Retry {
     /// Before a fresh request is forwarded: keep it if it is exactly a Bind/Execute/Sync of a named statement.
     fn arm(&mut self, buf: &[u8], stmts: &HashMap<Bytes, Arc<Statement>>, fresh: bool) {
         self.stmt = None;
-        if !fresh || std::mem::take(&mut self.retried) {
+        if !fresh || std::mem::take(&mut self.retried) || buf.first() != Some(&BIND) {
             return;
         }
         if let Some((super::request::Request::Extended { parse: None, statement, .. }, len)) = super::request::first(buf) {
@@ -898,12 +909,9 @@ impl Retry {
     }
 }
 
-/// `RUST_LOG=pgsurge::wire=trace`: one line per chunk relayed, with its message types in order (a debugging aid
-/// for protocol sequences; costs one level check when off).
+/// `PGSURGE_LOG=pgsurge::wire=trace`: one line per chunk relayed, with its message types in order (a debugging
+/// aid for protocol sequences; decided once per session, so it costs nothing when off).
 fn trace_chunk(from: &str, chunk: &[u8], client: &Stream, server: u64, owed: usize) {
-    if !tracing::enabled!(target: "pgsurge::wire", tracing::Level::TRACE) {
-        return;
-    }
     let mut tags = String::new();
     let mut p = 0;
     while let Some(n) = chunk.get(p..).and_then(|rest| complete_len(rest, usize::MAX).ok().flatten()) {

@@ -54,7 +54,7 @@ impl Registry {
             b.put_u8(0);
             b.put_slice(param_types);
         });
-        let effects = crate::sql::session::effects(&String::from_utf8_lossy(query));
+        let effects = crate::sql::session::effects(query);
         let s = Arc::new(Statement { id, server_name, parse: parse.freeze(), query: key.0.clone(), effects });
         map.insert(key, Arc::downgrade(&s));
         s

@@ -61,14 +61,14 @@ fn first_keyword(sql: &str) -> String {
 }
 
 /// Whether the first keyword of `sql` is one of `KEYWORDS`, without allocating (the hot path: every query).
-fn keyword_may_have_effects(sql: &str) -> bool {
-    let head = sql.trim_start();
-    if head.starts_with("--") || head.starts_with("/*") {
-        return KEYWORDS.contains(&first_keyword(sql).as_str());
+fn keyword_may_have_effects(sql: &[u8]) -> bool {
+    let head = sql.trim_ascii_start();
+    if head.starts_with(b"--") || head.starts_with(b"/*") {
+        return KEYWORDS.contains(&first_keyword(&String::from_utf8_lossy(sql)).as_str());
     }
     let mut buf = [0u8; 10];
     let mut n = 0;
-    for b in head.bytes().take(10) {
+    for &b in head.iter().take(10) {
         if !b.is_ascii_alphabetic() {
             break;
         }
@@ -78,16 +78,28 @@ fn keyword_may_have_effects(sql: &str) -> bool {
     KEYWORDS.iter().any(|k| k.as_bytes() == &buf[..n])
 }
 
-fn contains_ci(hay: &str, needle: &str) -> bool {
-    hay.as_bytes().windows(needle.len()).any(|w| w.eq_ignore_ascii_case(needle.as_bytes()))
+/// Whether `hay` contains the lower-case ASCII `needle`, ignoring case (a plain loop: no allocation).
+fn contains_ci(hay: &[u8], needle: &[u8]) -> bool {
+    let Some(last) = hay.len().checked_sub(needle.len()) else { return false };
+    let first = needle[0];
+    for i in 0..=last {
+        if hay[i] | 0x20 == first && hay[i + 1..i + needle.len()].eq_ignore_ascii_case(&needle[1..]) {
+            return true;
+        }
+    }
+    false
 }
 
-/// The session effects of `sql`; empty for ordinary statements (decided without parsing when possible).
-pub fn effects(sql: &str) -> Vec<Effect> {
-    let functions = contains_ci(sql, "advisory") || contains_ci(sql, "set_config");
+/// The session effects of `sql`; empty for ordinary statements (decided on the bytes, without parsing or even
+/// UTF-8 validation, when possible: this runs for every simple Query).
+pub fn effects(sql: impl AsRef<[u8]>) -> Vec<Effect> {
+    let sql = sql.as_ref();
+    let functions = contains_ci(sql, b"advisory") || contains_ci(sql, b"set_config");
     if !functions && !keyword_may_have_effects(sql) {
         return vec![];
     }
+    let sql = String::from_utf8_lossy(sql);
+    let sql = sql.as_ref();
     let Ok(parsed) = pg_query::parse(sql, 0) else { return vec![] };
     let mut out = vec![];
     for raw in &parsed.protobuf.stmts {

@@ -303,3 +303,22 @@ async fn a_user_not_in_the_config_logs_in_through_auth_query_by_scram_passthroug
     let Err(err) = try_connect(&without.url(&user, "aq-secret", "app")).await else { panic!("no auth_query, no login") };
     assert_eq!(code(&err), "28P01");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_immediate_shutdown_ends_idle_and_busy_clients_with_57p01() {
+    let proxy = Proxy::start(Settings { pool_size: Some(2), ..Default::default() }).await;
+    let (idle, idle_conn) = crate::harness::connect_killable(&proxy.pg_url()).await;
+    let busy = proxy.client().await;
+    let sleeping = tokio::spawn(async move { busy.simple_query("SELECT pg_sleep(30)").await.map(|_| ()) });
+    assert!(
+        eventually(Duration::from_secs(10), || async { proxy.app.pools().iter().any(|p| p.stats.active.load(Ordering::Relaxed) == 1) })
+            .await
+    );
+
+    proxy.app.shutdown_now();
+    assert_eq!(proxy.app.shutdown_state(), Shutdown::Immediate);
+    let err = tokio::time::timeout(Duration::from_secs(20), sleeping).await.expect("the busy client was ended").unwrap().unwrap_err();
+    assert!(err.as_db_error().is_none_or(|e| e.code().code() == "57P01"), "{err}");
+    tokio::time::timeout(Duration::from_secs(20), idle_conn).await.expect("the idle client's connection was closed").unwrap();
+    assert!(idle.simple_query("SELECT 1").await.is_err());
+}
