@@ -26,8 +26,9 @@ pub struct CancelTarget {
 /// One client's cancel state.
 pub struct CancelSlot {
     secret: u32,
-    /// Wakes a client that is still waiting for a server connection: its request is cancelled in the queue.
-    pub waiting_cancel: tokio::sync::Notify,
+    /// A cancel came while the client held no server: a wait in progress (for a server connection, a rate-limit
+    /// token, a batch) ends with 57014. Cleared when a wait begins (`wait_cancelled`).
+    cancel_in_wait: AtomicBool,
     /// The server connection the client holds now, and how many cancels are being delivered to it: while one
     /// is, the session cannot change targets (it waits on `delivered`). A plain lock held for a few instructions:
     /// the session sets the target twice per transaction.
@@ -36,9 +37,10 @@ pub struct CancelSlot {
     /// What the client is doing, for SHOW CLIENTS: kept by `set`/`try_set`/`mark_waiting`, one relaxed store each.
     state: AtomicU8,
     /// Set by an immediate shutdown; the session's loop watches it through `stopped()` (lock-free, unlike a
-    /// watch channel's `changed()`, which takes a lock on every poll).
+    /// watch channel's `changed()` or a `Notify`, which take a lock on every poll).
     stop: AtomicBool,
-    stop_waker: futures_util::task::AtomicWaker,
+    /// The session task's waker, for both flags (only that task waits on them).
+    waker: futures_util::task::AtomicWaker,
     /// When the client started waiting for a server connection, in µs since `created`.
     wait_started_us: AtomicU64,
     created: Instant,
@@ -62,19 +64,18 @@ impl Drop for Delivering<'_> {
 
 pub struct WaitingGuard<'a>(&'a CancelSlot);
 
-/// See `CancelSlot::stopped`.
-pub struct Stopped<'a>(&'a CancelSlot);
+/// Resolves once its flag is set (see `CancelSlot::stopped`, `CancelSlot::wait_cancelled`).
+pub struct Flag<'a>(&'a AtomicBool, &'a futures_util::task::AtomicWaker);
 
-impl std::future::Future for Stopped<'_> {
+impl std::future::Future for Flag<'_> {
     type Output = ();
 
     fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let slot = self.0;
-        if slot.stop.load(Ordering::Acquire) {
+        if self.0.load(Ordering::Acquire) {
             return Poll::Ready(());
         }
-        slot.stop_waker.register(cx.waker());
-        if slot.stop.load(Ordering::Acquire) {
+        self.1.register(cx.waker());
+        if self.0.load(Ordering::Acquire) {
             Poll::Ready(())
         } else {
             Poll::Pending
@@ -126,12 +127,18 @@ impl CancelSlot {
     /// Ends this client's session at its next turn (an immediate shutdown).
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Release);
-        self.stop_waker.wake();
+        self.waker.wake();
     }
 
     /// Resolves once `stop` has been called.
-    pub fn stopped(&self) -> Stopped<'_> {
-        Stopped(self)
+    pub fn stopped(&self) -> Flag<'_> {
+        Flag(&self.stop, &self.waker)
+    }
+
+    /// Begins a wait (for a server connection, a token, a batch): resolves if the client cancels during it.
+    pub fn wait_cancelled(&self) -> Flag<'_> {
+        self.cancel_in_wait.store(false, Ordering::Release);
+        Flag(&self.cancel_in_wait, &self.waker)
     }
 
     /// Starts delivering a cancel to the current target, if there is one.
@@ -215,11 +222,11 @@ impl CancelRegistry {
         let secret: u32 = rand::random();
         let slot = Arc::new(CancelSlot {
             secret,
-            waiting_cancel: tokio::sync::Notify::new(),
+            cancel_in_wait: AtomicBool::new(false),
             target: Mutex::new(Target::default()),
             delivered: tokio::sync::Notify::new(),
             stop: AtomicBool::new(false),
-            stop_waker: Default::default(),
+            waker: Default::default(),
             state: AtomicU8::new(0),
             wait_started_us: AtomicU64::new(0),
             created: Instant::now(),
@@ -250,7 +257,8 @@ impl CancelRegistry {
         }
         let Some((t, _delivering)) = slot.begin_delivery() else {
             // No query on a server: if the client waits in the queue, its wait ends with 57014.
-            slot.waiting_cancel.notify_waiters();
+            slot.cancel_in_wait.store(true, Ordering::Release);
+            slot.waker.wake();
             return;
         };
         if let Err(e) = forward(&t).await {

@@ -59,6 +59,8 @@ struct Run {
     count: u32,
     first: Instant,
     last: Instant,
+    /// The statement's fingerprint group, computed (one parse) the first time the run is long enough.
+    group: Option<Option<u64>>,
 }
 
 /// One session's recent lookups.
@@ -86,7 +88,7 @@ impl Tracker {
                     let oldest = self.runs.iter().enumerate().min_by_key(|(_, r)| r.last).map_or(0, |(i, _)| i);
                     self.runs.swap_remove(oldest);
                 }
-                self.runs.push(Run { sql: Bytes::copy_from_slice(sql), count: 0, first: now, last: now });
+                self.runs.push(Run { sql: Bytes::copy_from_slice(sql), count: 0, first: now, last: now, group: None });
                 self.runs.len() - 1
             }
         };
@@ -101,9 +103,11 @@ impl Tracker {
         if count < MIN_RUN {
             return;
         }
-        let text = String::from_utf8_lossy(&r.sql).into_owned();
-        let Some(group) = crate::sql::fingerprint_group(&text) else { return };
-        let make = || Pattern { fix: suggested_fix(batcher, &r.sql), example: text.clone(), ..Default::default() };
+        // Every lookup of a long run lands here: the parse behind the fingerprint is done once per run.
+        let sql = &r.sql;
+        let Some(group) = *r.group.get_or_insert_with(|| crate::sql::fingerprint_group(&String::from_utf8_lossy(sql))) else { return };
+        let make =
+            || Pattern { fix: suggested_fix(batcher, &r.sql), example: String::from_utf8_lossy(&r.sql).into_owned(), ..Default::default() };
         batcher.detect.add(group, make, |p| {
             if count == MIN_RUN {
                 p.occurrences += 1;

@@ -118,10 +118,13 @@ impl Session {
     /// A member waits for its leader; a cancel or disconnect detaches only this member.
     async fn follow(&mut self, mut rx: oneshot::Receiver<Outcome>, at: usize, lookup: Lookup, had_parse: bool) -> Result<Intercepted> {
         let waiting = self.cancel.waiting();
+        // One wait for the whole loop: a cancel that lands while the loop turns is not lost.
+        let slot = self.cancel.clone();
+        let mut cancelled = slot.wait_cancelled();
         let outcome = loop {
             tokio::select! {
                 r = &mut rx => break r.unwrap_or(Outcome::Retry),
-                _ = self.cancel.waiting_cancel.notified() => {
+                _ = &mut cancelled => {
                     drop((rx, waiting));
                     self.fail_request(Error::Canceled("user request"), at).await?;
                     return Ok(Intercepted::Answered(0)); // fail_request consumed the request

@@ -440,7 +440,7 @@ impl Session {
                 let _waiting = self.cancel.waiting();
                 tokio::select! {
                     r = self.pool.checkout_for(self.wait_timeout, self.admission.as_ref().map(|a| &a.fair_key)) => r?,
-                    _ = self.cancel.waiting_cancel.notified() => return Err(Error::Canceled("user request")),
+                    _ = self.cancel.wait_cancelled() => return Err(Error::Canceled("user request")),
                 }
             }
         };
@@ -478,7 +478,7 @@ impl Session {
         let wait = if in_tx { self.wait_timeout } else { adm.max_delay() };
         tokio::select! {
             r = adm.request(n, !in_tx, wait) => r,
-            _ = self.cancel.waiting_cancel.notified() => Err(Error::Canceled("user request")),
+            _ = self.cancel.wait_cancelled() => Err(Error::Canceled("user request")),
         }
     }
 
