@@ -94,7 +94,8 @@ fn contains_ci(hay: &[u8], needle: &[u8]) -> bool {
 /// UTF-8 validation, when possible: this runs for every simple Query).
 pub fn effects(sql: impl AsRef<[u8]>) -> Vec<Effect> {
     let sql = sql.as_ref();
-    let functions = contains_ci(sql, b"advisory") || contains_ci(sql, b"set_config");
+    // Both are function calls: no parenthesis, no call (the common point query has none).
+    let functions = sql.contains(&b'(') && (contains_ci(sql, b"advisory") || contains_ci(sql, b"set_config"));
     if !functions && !keyword_may_have_effects(sql) {
         return vec![];
     }
