@@ -175,8 +175,8 @@ impl CancelSlot {
         now.saturating_duration_since(since)
     }
 
-    /// Cancels the query of the server connection this client holds now, if any (query_timeout). Delivered under
-    /// the slot's lock, so the connection cannot be handed to another client meanwhile.
+    /// Cancels the query of the server connection this client holds now, if any (query_timeout). While it is
+    /// delivered the session cannot change targets, so the connection cannot be handed to another client meanwhile.
     pub async fn cancel_current(&self) {
         if let Some((t, _delivering)) = self.begin_delivery() {
             if let Err(e) = forward(&t).await {

@@ -251,9 +251,7 @@ impl Pool {
             Some(c) => c,
             None => self.connect_until(deadline, wait).await?,
         };
-        self.stats.record_wait(started.elapsed().as_micros() as u64);
-        self.stats.checkouts.fetch_add(1, Ordering::Relaxed);
-        let mut co = Checkout::new(conn, self.clone(), permit);
+        let mut co = self.hand_out(conn, permit, started.elapsed().as_micros() as u64);
         co.budget = budget;
         Ok(co)
     }
@@ -267,9 +265,14 @@ impl Pool {
         }
         let permit = self.permits.clone().try_acquire_owned().ok()?;
         let conn = self.take_idle()?;
-        self.stats.record_wait(0);
+        Some(self.hand_out(conn, permit, 0))
+    }
+
+    /// Counts a checkout (and how long it waited) and wraps the connection in its guard.
+    fn hand_out(self: &Arc<Self>, conn: ServerConn, permit: tokio::sync::OwnedSemaphorePermit, waited_us: u64) -> Checkout {
+        self.stats.record_wait(waited_us);
         self.stats.checkouts.fetch_add(1, Ordering::Relaxed);
-        Some(Checkout::new(conn, self.clone(), permit))
+        Checkout::new(conn, self.clone(), permit)
     }
 
     /// Pops the warmest idle connection that is still good; closes the ones that are not.

@@ -282,116 +282,111 @@ impl Session {
             let body = &self.rbuf[pos + 5..pos + n];
             // None: forward this frame verbatim. Some(bytes): send these instead (empty: send nothing).
             let mut replace: Option<BytesMut> = None;
-            if self.expect.server_skipping() && tag != SYNC {
-                // An error ended this extended-protocol run: Postgres ignores everything up to the client's Sync
-                // (simple Queries too), so pgsurge drops it here; nothing is owed, prepared or run.
-                self.unsynced = true;
-                replace = Some(BytesMut::new());
-            } else {
-                match tag {
-                    QUERY | FUNCTION_CALL => {
-                        queries += 1;
-                        self.unsynced = false;
-                        if tag == QUERY {
-                            if let Some(local) = statement_commands(body, &mut self.stmts, conn, self.status) {
-                                self.expect.push(Expect::Synthetic(local));
-                                replace = Some(BytesMut::new());
-                            }
-                        }
-                        if replace.is_none() {
-                            if let (Some(cache), Some(text)) = (&self.app.cache, view::query_text(body)) {
-                                self.writes.note(cache, &Bytes::copy_from_slice(text));
-                            }
-                            let fx = view::query_text(body).map(effects::effects).unwrap_or_default();
-                            note_pins(&mut self.pins, &fx, &self.pool);
-                            self.expect.push(Expect::Query { swallow: false, effects: fx, failed: false });
-                        }
-                    }
-                    SYNC => {
-                        queries += 1;
-                        self.unsynced = false;
-                        self.expect.client_sync();
-                    }
-                    COPY_DONE | COPY_FAIL => self.expect.client_copy_end(),
-                    PARSE => {
-                        self.unsynced = true;
-                        match st::parse_view(body) {
-                            Some((name, query, types)) if !name.is_empty() => {
-                                let stmt = self.app.statements.intern(query, types);
-                                self.stmts.insert(Bytes::copy_from_slice(name), stmt.clone());
-                                let mut b = BytesMut::new();
-                                if conn.prepared.get(&stmt.id).is_some() {
-                                    self.expect.push(Expect::Synthetic(st::empty_msg(PARSE_COMPLETE)));
-                                } else {
-                                    prepare_on(conn, &stmt, &mut self.expect, &mut b, false);
-                                }
-                                replace = Some(b);
-                            }
-                            Some((_, query, _)) => {
-                                self.unnamed_effects = effects::effects(query);
-                                if self.app.cache.is_some() {
-                                    self.unnamed_sql = Some(Bytes::copy_from_slice(query));
-                                }
-                                self.expect.push(Expect::Parse { swallow: false, stmt: None });
-                            }
-                            None => self.expect.push(Expect::Parse { swallow: false, stmt: None }),
-                        }
-                    }
-                    BIND => {
-                        self.unsynced = true;
-                        if let Some((portal, name, rest)) = st::bind_view(body) {
-                            if let Some(stmt) = self.stmts.get(name).cloned() {
-                                let mut b = BytesMut::new();
-                                ensure_prepared(conn, &stmt, &mut self.expect, &mut b);
-                                st::put_bind(&mut b, portal, &stmt.server_name, rest);
-                                replace = Some(b);
-                                self.portal_effects.clone_from(&stmt.effects);
-                                self.portal_sql = Some(stmt.query.clone());
-                            } else if name.is_empty() {
-                                self.portal_effects.clone_from(&self.unnamed_effects);
-                                self.portal_sql.clone_from(&self.unnamed_sql);
-                            }
-                        }
-                        self.expect.push(Expect::Bind);
-                    }
-                    DESCRIBE => {
-                        self.unsynced = true;
-                        let target = st::target_view(body);
-                        if let Some((b'S', name)) = target {
-                            if let Some(stmt) = self.stmts.get(name).cloned() {
-                                let mut b = BytesMut::new();
-                                ensure_prepared(conn, &stmt, &mut self.expect, &mut b);
-                                st::put_target(&mut b, DESCRIBE, &stmt.server_name);
-                                replace = Some(b);
-                            }
-                        }
-                        self.expect.push(if matches!(target, Some((b'P', _))) {
-                            Expect::DescribePortal
-                        } else {
-                            Expect::DescribeStatement
-                        });
-                    }
-                    CLOSE => {
-                        self.unsynced = true;
-                        match st::target_view(body) {
-                            Some((b'S', name)) if !name.is_empty() && self.stmts.remove(name).is_some() => {
-                                // The server keeps it (other clients may use it); the client gets its CloseComplete.
-                                self.expect.push(Expect::Synthetic(st::empty_msg(CLOSE_COMPLETE)));
-                                replace = Some(BytesMut::new());
-                            }
-                            _ => self.expect.push(Expect::Close { swallow: false, closing: None }),
-                        }
-                    }
-                    EXECUTE => {
-                        self.unsynced = true;
-                        note_pins(&mut self.pins, &self.portal_effects, &self.pool);
-                        if let (Some(cache), Some(sql)) = (&self.app.cache, &self.portal_sql) {
-                            self.writes.note(cache, sql);
-                        }
-                        self.expect.push(Expect::Execute { effects: self.portal_effects.clone() });
-                    }
-                    _ => {} // Flush and CopyData belong to a request already accounted for
+            match tag {
+                _ if self.expect.server_skipping() && tag != SYNC => {
+                    // An error ended this extended-protocol run: Postgres ignores everything up to the client's
+                    // Sync (simple Queries too), so pgsurge drops it here; nothing is owed, prepared or run.
+                    self.unsynced = true;
+                    replace = Some(BytesMut::new());
                 }
+                QUERY | FUNCTION_CALL => {
+                    queries += 1;
+                    self.unsynced = false;
+                    if tag == QUERY {
+                        if let Some(local) = statement_commands(body, &mut self.stmts, conn, self.status) {
+                            self.expect.push(Expect::Synthetic(local));
+                            replace = Some(BytesMut::new());
+                        }
+                    }
+                    if replace.is_none() {
+                        if let (Some(cache), Some(text)) = (&self.app.cache, view::query_text(body)) {
+                            self.writes.note(cache, &Bytes::copy_from_slice(text));
+                        }
+                        let fx = view::query_text(body).map(effects::effects).unwrap_or_default();
+                        note_pins(&mut self.pins, &fx, &self.pool);
+                        self.expect.push(Expect::Query { swallow: false, effects: fx, failed: false });
+                    }
+                }
+                SYNC => {
+                    queries += 1;
+                    self.unsynced = false;
+                    self.expect.client_sync();
+                }
+                COPY_DONE | COPY_FAIL => self.expect.client_copy_end(),
+                PARSE => {
+                    self.unsynced = true;
+                    match st::parse_view(body) {
+                        Some((name, query, types)) if !name.is_empty() => {
+                            let stmt = self.app.statements.intern(query, types);
+                            self.stmts.insert(Bytes::copy_from_slice(name), stmt.clone());
+                            let mut b = BytesMut::new();
+                            if conn.prepared.get(&stmt.id).is_some() {
+                                self.expect.push(Expect::Synthetic(st::empty_msg(PARSE_COMPLETE)));
+                            } else {
+                                prepare_on(conn, &stmt, &mut self.expect, &mut b, false);
+                            }
+                            replace = Some(b);
+                        }
+                        Some((_, query, _)) => {
+                            self.unnamed_effects = effects::effects(query);
+                            if self.app.cache.is_some() {
+                                self.unnamed_sql = Some(Bytes::copy_from_slice(query));
+                            }
+                            self.expect.push(Expect::Parse { swallow: false, stmt: None });
+                        }
+                        None => self.expect.push(Expect::Parse { swallow: false, stmt: None }),
+                    }
+                }
+                BIND => {
+                    self.unsynced = true;
+                    if let Some((portal, name, rest)) = st::bind_view(body) {
+                        if let Some(stmt) = self.stmts.get(name).cloned() {
+                            let mut b = BytesMut::new();
+                            ensure_prepared(conn, &stmt, &mut self.expect, &mut b);
+                            st::put_bind(&mut b, portal, &stmt.server_name, rest);
+                            replace = Some(b);
+                            self.portal_effects.clone_from(&stmt.effects);
+                            self.portal_sql = Some(stmt.query.clone());
+                        } else if name.is_empty() {
+                            self.portal_effects.clone_from(&self.unnamed_effects);
+                            self.portal_sql.clone_from(&self.unnamed_sql);
+                        }
+                    }
+                    self.expect.push(Expect::Bind);
+                }
+                DESCRIBE => {
+                    self.unsynced = true;
+                    let target = st::target_view(body);
+                    if let Some((b'S', name)) = target {
+                        if let Some(stmt) = self.stmts.get(name).cloned() {
+                            let mut b = BytesMut::new();
+                            ensure_prepared(conn, &stmt, &mut self.expect, &mut b);
+                            st::put_target(&mut b, DESCRIBE, &stmt.server_name);
+                            replace = Some(b);
+                        }
+                    }
+                    self.expect.push(if matches!(target, Some((b'P', _))) { Expect::DescribePortal } else { Expect::DescribeStatement });
+                }
+                CLOSE => {
+                    self.unsynced = true;
+                    match st::target_view(body) {
+                        Some((b'S', name)) if !name.is_empty() && self.stmts.remove(name).is_some() => {
+                            // The server keeps it (other clients may use it); the client gets its CloseComplete.
+                            self.expect.push(Expect::Synthetic(st::empty_msg(CLOSE_COMPLETE)));
+                            replace = Some(BytesMut::new());
+                        }
+                        _ => self.expect.push(Expect::Close { swallow: false, closing: None }),
+                    }
+                }
+                EXECUTE => {
+                    self.unsynced = true;
+                    note_pins(&mut self.pins, &self.portal_effects, &self.pool);
+                    if let (Some(cache), Some(sql)) = (&self.app.cache, &self.portal_sql) {
+                        self.writes.note(cache, sql);
+                    }
+                    self.expect.push(Expect::Execute { effects: self.portal_effects.clone() });
+                }
+                _ => {} // Flush and CopyData belong to a request already accounted for
             }
             if let Some(r) = replace {
                 let o = out.get_or_insert_with(|| BytesMut::with_capacity(at + 64));
