@@ -285,3 +285,41 @@ async fn a_lone_flush_or_sync_takes_no_server_connection() {
     let n = tokio::time::timeout(Duration::from_secs(20), other.query_one("SELECT 3", &[])).await;
     assert_eq!(n.expect("nor did the Sync").unwrap().get::<_, i32>(0), 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_whose_eviction_an_error_skipped_is_closed_before_it_is_prepared_again() {
+    // One server connection that keeps one prepared statement: preparing B evicts A (pgsurge sends Close A), but
+    // an error earlier in the same run makes the server skip that Close. Preparing A again must first close it
+    // for real, or Postgres answers 42P05 "prepared statement already exists".
+    let mut settings = trusting();
+    settings.max_prepared_statements = Some(1);
+    let proxy = Proxy::start(settings).await;
+    let mut s = raw_logged_in(&proxy).await;
+    let mut buf = BytesMut::new();
+
+    let mut out = BytesMut::new();
+    parse(&mut out, "a", "SELECT 1");
+    encode::put_msg(&mut out, b'S', |_| {});
+    s.write_all(&out).await.unwrap();
+    assert_eq!(read_until(&mut s, &mut buf, b'Z').await.0, b"1Z");
+
+    let mut out = BytesMut::new();
+    parse(&mut out, "", "SELECT 1/0");
+    bind(&mut out, "");
+    describe_execute(&mut out);
+    parse(&mut out, "b", "SELECT 2");
+    encode::put_msg(&mut out, b'S', |_| {});
+    s.write_all(&out).await.unwrap();
+    let (tags, bytes) = read_until(&mut s, &mut buf, b'Z').await;
+    assert_eq!((tags, error_code(&bytes).as_deref()), (b"1EZ".to_vec(), Some("22012")));
+
+    let mut out = BytesMut::new();
+    parse(&mut out, "a_again", "SELECT 1");
+    bind(&mut out, "a_again");
+    describe_execute(&mut out);
+    encode::put_msg(&mut out, b'S', |_| {});
+    s.write_all(&out).await.unwrap();
+    let (tags, bytes) = read_until(&mut s, &mut buf, b'Z').await;
+    assert_eq!(error_code(&bytes), None);
+    assert_eq!(tags, b"12TDCZ");
+}
