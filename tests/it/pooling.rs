@@ -112,13 +112,18 @@ async fn a_client_killed_mid_transaction_never_leaves_a_dirty_connection() {
 
     // Killed mid-query: the server is cancelled and closed, and the next client gets a working one.
     let (doomed, socket) = connect_killable(&proxy.app_url()).await;
-    let q = tokio::spawn(async move {
-        let _ = doomed.batch_execute("SELECT pg_sleep(30)").await;
+    // The marker keeps other tests' sleeps (they share the cluster) out of the count.
+    let sleep = format!("SELECT pg_sleep(30) /* {t} */");
+    let q = tokio::spawn({
+        let sleep = sleep.clone();
+        async move {
+            let _ = doomed.batch_execute(&sleep).await;
+        }
     });
     let s = pg().super_client("postgres").await;
     assert!(
         crate::harness::eventually(Duration::from_secs(5), || async {
-            s.query_one("SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' AND state = 'active'", &[])
+            s.query_one("SELECT count(*) FROM pg_stat_activity WHERE query = $1 AND state = 'active'", &[&sleep])
                 .await
                 .unwrap()
                 .get::<_, i64>(0)
@@ -131,7 +136,7 @@ async fn a_client_killed_mid_transaction_never_leaves_a_dirty_connection() {
     assert_eq!(next.query_one("SELECT 7", &[]).await.unwrap().get::<_, i32>(0), 7);
     assert!(
         crate::harness::eventually(Duration::from_secs(5), || async {
-            s.query_one("SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' AND state = 'active'", &[])
+            s.query_one("SELECT count(*) FROM pg_stat_activity WHERE query = $1 AND state = 'active'", &[&sleep])
                 .await
                 .unwrap()
                 .get::<_, i64>(0)
