@@ -25,7 +25,7 @@ pub enum ReleaseState {
 const RESET_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct Checkout {
-    conn: Option<ServerConn>,
+    conn: Option<Box<ServerConn>>,
     pool: Arc<Pool>,
     permit: Option<OwnedSemaphorePermit>,
     /// Units of shared budgets (max_db_connections / max_user_connections), released with the permit.
@@ -34,7 +34,7 @@ pub struct Checkout {
 }
 
 impl Checkout {
-    pub(super) fn new(conn: ServerConn, pool: Arc<Pool>, permit: OwnedSemaphorePermit) -> Checkout {
+    pub(super) fn new(conn: Box<ServerConn>, pool: Arc<Pool>, permit: OwnedSemaphorePermit) -> Checkout {
         pool.stats.active.fetch_add(1, Ordering::Relaxed);
         Checkout { conn: Some(conn), pool, permit: Some(permit), budget: None, state: ReleaseState::Broken }
     }
@@ -96,7 +96,7 @@ impl Drop for Checkout {
 }
 
 /// Rolls back and/or discards session state; returns the connection only if it ends idle and error-free.
-async fn reset(mut conn: ServerConn, rollback: bool, discard: bool) -> Option<ServerConn> {
+async fn reset(mut conn: Box<ServerConn>, rollback: bool, discard: bool) -> Option<Box<ServerConn>> {
     if rollback && conn.run_own_query("ROLLBACK").await.ok()? != TxStatus::Idle {
         return None;
     }
@@ -104,7 +104,7 @@ async fn reset(mut conn: ServerConn, rollback: bool, discard: bool) -> Option<Se
         if conn.run_own_query("DISCARD ALL").await.ok()? != TxStatus::Idle {
             return None;
         }
-        conn.applied.clear();
+        conn.applied = Default::default();
         conn.prepared.clear();
         conn.unclosed.clear();
     }

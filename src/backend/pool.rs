@@ -95,13 +95,17 @@ pub struct Pool {
     pub key: PoolKey,
     target: Mutex<ServerTarget>,
     settings: Mutex<PoolSettings>,
-    idle: Mutex<Vec<ServerConn>>,
+    /// Boxed: a connection (TLS state included) is large, and it moves idle -> checkout -> session -> idle per transaction.
+    #[allow(clippy::vec_box)] // moved out and back in per checkout: a pointer, not the whole connection
+    idle: Mutex<Vec<Box<ServerConn>>>,
     permits: Arc<Semaphore>,
     /// Permits currently owned by the pool (its size); the semaphore is grown or shrunk to match on reload.
     size: AtomicUsize,
     /// While connects fail, only the holder of this gate tries; the others wait for its verdict.
     connect_gate: tokio::sync::Mutex<()>,
     backoff: Mutex<Backoff>,
+    /// The settings the last session logged in with, shared with the next session that has the same ones.
+    shared_settings: Mutex<Arc<crate::frontend::params::Settings>>,
     /// ParameterStatus values clients receive at login, learned from the first server connection.
     login_params: Mutex<Option<Vec<(String, String)>>>,
     next_id: AtomicU64,
@@ -130,6 +134,7 @@ impl Pool {
             connect_gate: tokio::sync::Mutex::new(()),
             backoff: Mutex::new(Backoff { failing: false, delay: BACKOFF_START, next_attempt: Instant::now(), last_error: None }),
             login_params: Mutex::new(None),
+            shared_settings: Default::default(),
             next_id: AtomicU64::new(1),
             budgets: Default::default(),
             total_servers: AtomicUsize::new(0),
@@ -172,6 +177,15 @@ impl Pool {
 
     pub fn target(&self) -> ServerTarget {
         self.target.lock().clone()
+    }
+
+    /// An `Arc` of `settings`, the same one other sessions with equal settings hold (the most recent kind is kept).
+    pub fn share_settings(&self, settings: &crate::frontend::params::Settings) -> Arc<crate::frontend::params::Settings> {
+        let mut last = self.shared_settings.lock();
+        if **last != *settings {
+            *last = Arc::new(settings.clone());
+        }
+        last.clone()
     }
 
     pub fn login_params(&self) -> Option<Vec<(String, String)>> {
@@ -223,7 +237,7 @@ impl Pool {
         if self.is_paused() {
             let _ = self.paused.subscribe().wait_for(|p| !*p).await;
         }
-        let deadline = Instant::now() + wait;
+        let deadline = if self.is_paused() { Instant::now() + wait } else { started + wait };
         let permit = tokio::time::timeout_at(deadline, self.permits.clone().acquire_owned()).await;
         drop(waiting);
         let permit = match permit {
@@ -269,14 +283,14 @@ impl Pool {
     }
 
     /// Counts a checkout (and how long it waited) and wraps the connection in its guard.
-    fn hand_out(self: &Arc<Self>, conn: ServerConn, permit: tokio::sync::OwnedSemaphorePermit, waited_us: u64) -> Checkout {
+    fn hand_out(self: &Arc<Self>, conn: Box<ServerConn>, permit: tokio::sync::OwnedSemaphorePermit, waited_us: u64) -> Checkout {
         self.stats.record_wait(waited_us);
         self.stats.checkouts.fetch_add(1, Ordering::Relaxed);
         Checkout::new(conn, self.clone(), permit)
     }
 
     /// Pops the warmest idle connection that is still good; closes the ones that are not.
-    fn take_idle(&self) -> Option<ServerConn> {
+    fn take_idle(&self) -> Option<Box<ServerConn>> {
         let s = self.settings.lock().clone();
         loop {
             let mut c = self.idle.lock().pop()?;
@@ -301,7 +315,7 @@ impl Pool {
     }
 
     /// Connects, retrying transient failures with a capped backoff until `deadline`.
-    async fn connect_until(&self, deadline: Instant, wait: Duration) -> Result<ServerConn> {
+    async fn connect_until(&self, deadline: Instant, wait: Duration) -> Result<Box<ServerConn>> {
         loop {
             let failing = self.backoff.lock().failing;
             // While failing, one prober at a time; the others queue behind the gate instead of storming.
@@ -344,7 +358,7 @@ impl Pool {
                         tls: c.stream.is_tls(),
                     };
                     self.servers.lock().insert(c.id, info);
-                    return Ok(c);
+                    return Ok(Box::new(c));
                 }
                 Err(e) => {
                     self.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
@@ -370,7 +384,7 @@ impl Pool {
     }
 
     /// Takes back a clean connection (called by the checkout guard).
-    pub(super) fn checkin(&self, mut c: ServerConn) {
+    pub(super) fn checkin(&self, mut c: Box<ServerConn>) {
         let s = self.settings.lock().clone();
         let now = Instant::now();
         if now.duration_since(c.created) >= s.lifetime || self.idle.lock().len() >= s.size {
@@ -383,9 +397,9 @@ impl Pool {
 
     /// After a server connection died (Postgres restarting?), closes the idle ones that are dead too.
     pub fn purge_dead_idle(&self) {
-        let dead: Vec<ServerConn> = {
+        let dead: Vec<Box<ServerConn>> = {
             let mut idle = self.idle.lock();
-            let (alive, dead) = idle.drain(..).partition(|c: &ServerConn| c.stream.looks_alive());
+            let (alive, dead): (Vec<_>, Vec<_>) = idle.drain(..).partition(|c| c.stream.looks_alive());
             *idle = alive;
             dead
         };
@@ -395,7 +409,7 @@ impl Pool {
     }
 
     /// Closes a server connection for good.
-    pub(super) fn forget(&self, c: ServerConn) {
+    pub(super) fn forget(&self, c: Box<ServerConn>) {
         self.closed(c.id);
         drop(c);
     }
@@ -410,7 +424,7 @@ impl Pool {
     pub async fn maintain(self: &Arc<Self>) {
         let s = self.settings();
         let now = Instant::now();
-        let stale: Vec<ServerConn> = {
+        let stale: Vec<Box<ServerConn>> = {
             let mut idle = self.idle.lock();
             let (old, keep): (Vec<_>, Vec<_>) = idle
                 .drain(..)

@@ -1,6 +1,5 @@
 //! One server connection: connect, log in (SCRAM, md5, cleartext or passthrough), and the raw stream.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -64,7 +63,7 @@ pub struct ServerConn {
     /// ParameterStatus values the server reported at login.
     pub reported: Vec<(String, String)>,
     /// Session settings pgsurge applied on behalf of clients (name -> value); empty means server defaults.
-    pub applied: crate::frontend::params::Settings,
+    pub applied: Arc<crate::frontend::params::Settings>,
     /// Statements prepared here under pgsurge's names (registry id -> server name), least recently used first out.
     pub prepared: lru::LruCache<u64, String>,
     /// Statements pgsurge closed but the server did not (the Close was skipped after an error): still prepared
@@ -98,7 +97,7 @@ impl ServerConn {
             rbuf: BytesMut::with_capacity(16 * 1024),
             cancel_target: Arc::new(CancelTarget { host: target.host.clone(), port: target.port, pid: 0, secret: vec![] }),
             reported: vec![],
-            applied: BTreeMap::new(),
+            applied: Default::default(),
             prepared: lru::LruCache::new(target.max_prepared),
             unclosed: vec![],
             created: Instant::now(),

@@ -201,7 +201,7 @@ impl Session {
             let f = run::frame(conn).await?;
             self.expect.on_server_frame(f[0], &mut unprepared, &mut done);
             for e in done.drain(..) {
-                apply_setting(e, &mut self.wanted, &self.startup, &mut conn.applied);
+                apply_setting(e, Arc::make_mut(&mut self.wanted), &self.startup, Arc::make_mut(&mut conn.applied));
             }
         }
         let key = &guard.key;

@@ -84,6 +84,9 @@ fn valid_name(n: &str) -> bool {
 
 /// The statements (setting name, SQL) that turn a server's `applied` settings into the client's `wanted` ones.
 pub fn sync_statements(wanted: &Settings, applied: &Settings) -> Vec<(String, String)> {
+    if wanted == applied {
+        return Vec::new(); // the common case, once per checkout: one ordered walk instead of a lookup per key
+    }
     let mut out: Vec<(String, String)> =
         wanted.iter().filter(|(k, v)| applied.get(*k) != Some(*v)).map(|(k, v)| (k.clone(), v.clone())).collect();
     for k in applied.keys() {

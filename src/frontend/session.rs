@@ -50,7 +50,9 @@ pub struct Session {
     pub mode: PoolMode,
     pub server: Option<Checkout>,
     /// Settings this client expects on whatever server it lands on, and those it started with (RESET target).
-    pub wanted: Settings,
+    /// Shared (`Arc`) with every session of the pool that logged in with the same settings, and handed to the
+    /// server connections they run on: a checkout whose server already holds these settings is a pointer compare.
+    pub wanted: Arc<Settings>,
     pub(crate) startup: Settings,
     /// Why this client must keep its server connection (LISTEN, temp tables, ...); empty: it need not.
     pub(crate) pins: HashSet<Pin>,
@@ -113,6 +115,7 @@ impl Session {
         }
         let trace = tracing::enabled!(target: "pgsurge::wire", tracing::Level::TRACE);
         let timers = SessionTimers::new(&cfg.limits);
+        let shared = pool.share_settings(&wanted);
         Session {
             admission: None,
             timers,
@@ -123,8 +126,8 @@ impl Session {
             pool,
             mode,
             server: None,
-            startup: wanted.clone(),
-            wanted,
+            wanted: shared,
+            startup: wanted,
             pins: HashSet::new(),
             portal_effects: vec![],
             unnamed_effects: vec![],
@@ -174,9 +177,11 @@ impl Session {
                         k = self.timers.fired(), if self.timers.is_armed() => Io::Timer(k),
                     }
                 }
+                // biased: a fixed order needs no random number per wait.
                 None => tokio::select! {
-                    r = self.client.read_buf(&mut self.rbuf) => Io::Client(r),
+                    biased;
                     _ = self.cancel.stopped() => Io::Shutdown,
+                    r = self.client.read_buf(&mut self.rbuf) => Io::Client(r),
                 },
             };
             match ev {
@@ -299,10 +304,11 @@ impl Session {
                         }
                     }
                     if replace.is_none() {
-                        if let (Some(cache), Some(text)) = (&self.app.cache, view::query_text(body)) {
+                        let text = view::query_text(body);
+                        if let (Some(cache), Some(text)) = (&self.app.cache, text) {
                             self.writes.note(cache, &Bytes::copy_from_slice(text));
                         }
-                        let fx = view::query_text(body).map(effects::effects).unwrap_or_default();
+                        let fx = text.map(effects::effects).unwrap_or_default();
                         note_pins(&mut self.pins, &fx, &self.pool);
                         self.expect.push(Expect::Query { swallow: false, effects: fx, failed: false });
                     }
@@ -434,6 +440,7 @@ impl Session {
             None => {
                 let _waiting = self.cancel.waiting();
                 tokio::select! {
+                    biased;
                     r = self.pool.checkout_for(self.wait_timeout, self.admission.as_ref().map(|a| &a.fair_key)) => r?,
                     _ = self.cancel.wait_cancelled() => return Err(Error::Canceled("user request")),
                 }
@@ -442,7 +449,15 @@ impl Session {
         if let Err(t) = self.cancel.try_set(Some(co.conn_ref().cancel_target.clone())) {
             self.cancel.set(t).await;
         }
-        let sync = params::sync_statements(&self.wanted, &co.conn_ref().applied);
+        let sync = if Arc::ptr_eq(&self.wanted, &co.conn_ref().applied) {
+            vec![]
+        } else {
+            let sync = params::sync_statements(&self.wanted, &co.conn_ref().applied);
+            if sync.is_empty() {
+                co.conn().applied = self.wanted.clone(); // equal already: share, so the next checkout compares pointers
+            }
+            sync
+        };
         if !sync.is_empty() {
             // One Query per setting, pipelined in one write: a bad value fails alone and is reported back.
             let mut out = BytesMut::new();
@@ -561,7 +576,7 @@ impl Session {
             // A completed SET takes hold now in autocommit, or at COMMIT of the transaction it ran in.
             for e in done.drain(..) {
                 if self.status == TxStatus::Idle {
-                    apply_setting(e, &mut self.wanted, &self.startup, &mut conn.applied);
+                    apply_setting(e, Arc::make_mut(&mut self.wanted), &self.startup, Arc::make_mut(&mut conn.applied));
                 } else {
                     self.staged.push(e);
                 }
@@ -577,7 +592,7 @@ impl Session {
                                 let committed = std::mem::take(&mut self.commit_seen);
                                 for e in std::mem::take(&mut self.staged) {
                                     if committed {
-                                        apply_setting(e, &mut self.wanted, &self.startup, &mut conn.applied);
+                                        apply_setting(e, Arc::make_mut(&mut self.wanted), &self.startup, Arc::make_mut(&mut conn.applied));
                                     }
                                 }
                             }
@@ -594,8 +609,8 @@ impl Session {
                         if params::is_session_setting(&k) {
                             let k = k.to_ascii_lowercase();
                             let sql = params::set_config_sql(&k, &v);
-                            conn.applied.insert(k.clone(), sql.clone());
-                            self.wanted.insert(k, sql);
+                            Arc::make_mut(&mut conn.applied).insert(k.clone(), sql.clone());
+                            Arc::make_mut(&mut self.wanted).insert(k, sql);
                         }
                     }
                 }
@@ -766,7 +781,7 @@ fn statement_commands(body: &[u8], stmts: &mut HashMap<Bytes, Arc<Statement>>, c
             conn.prepared.clear();
             conn.unclosed.clear();
             if words[0] == "discard" {
-                conn.applied.clear();
+                conn.applied = Default::default();
             }
             None
         }

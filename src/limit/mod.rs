@@ -300,7 +300,8 @@ impl Limiter {
             Fairness::Address => who.addr.clone(),
         };
         let plan = Arc::new(self.plan(&rules, &who));
-        Ok(Admission { limiter: self.clone(), who, fair_key, counted, plan })
+        let (plan_gen, active) = (plan.gen, plan.is_active());
+        Ok(Admission { limiter: self.clone(), who, fair_key, counted, plan, plan_gen, active })
     }
 
     /// The shared budgets a (database, user) pool draws from, if any cap is set.
@@ -344,16 +345,30 @@ pub struct Admission {
     pub fair_key: Key,
     counted: Vec<(Scope, Key)>,
     plan: Arc<Plan>,
+    /// `plan.gen` and whether the plan has any rate, kept here so the per-request check touches only this struct.
+    plan_gen: u64,
+    active: bool,
+}
+
+impl Plan {
+    fn is_active(&self) -> bool {
+        !self.qps.is_empty() || !self.tps.is_empty()
+    }
 }
 
 impl Admission {
     /// Whether any query or transaction rate applies to this client now (picks up a reload).
     pub fn is_active(&mut self) -> bool {
-        let rules = self.limiter.rules.load();
-        if rules.gen != self.plan.gen {
-            self.plan = Arc::new(self.limiter.plan(&rules, &self.who));
+        // The generation is bumped before new rules are stored: an unchanged one means this plan is current,
+        // without loading the rules (this runs once per request).
+        if self.limiter.gen.load(Ordering::Relaxed) != self.plan_gen {
+            let rules = self.limiter.rules.load();
+            if rules.gen != self.plan.gen {
+                self.plan = Arc::new(self.limiter.plan(&rules, &self.who));
+            }
+            (self.plan_gen, self.active) = (self.plan.gen, self.plan.is_active());
         }
-        !self.plan.qps.is_empty() || !self.plan.tps.is_empty()
+        self.active
     }
 
     /// How long a request outside a transaction may wait for its tokens (`limit_max_delay`).
