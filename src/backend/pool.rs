@@ -219,31 +219,48 @@ impl Pool {
         (self.servers.lock().values().cloned().collect(), idle)
     }
 
-    /// Waits (FIFO) up to `wait` for a server connection. While the pool is paused the wait does not count.
+    /// Shared server-connection budgets this pool also draws from (None: none).
     pub fn set_budgets(&self, b: Option<Arc<crate::limit::Budgets>>) {
         self.budgets.store(b);
     }
 
+    /// Waits (FIFO) up to `wait` for a server connection. While the pool is paused the wait does not count.
     pub async fn checkout(self: &Arc<Self>, wait: Duration) -> Result<Checkout> {
-        self.checkout_for(wait, None).await
+        self.checkout_for(wait, None, None).await
     }
 
     /// Waits up to `wait` for a server connection: FIFO within this pool, then, if the pool shares a budget,
-    /// round-robin across `fair` keys (default: this pool's user).
-    pub async fn checkout_for(self: &Arc<Self>, wait: Duration, fair: Option<&crate::limit::Key>) -> Result<Checkout> {
+    /// round-robin across `fair` keys (default: this pool's user). While the pool is paused the wait does not
+    /// count. `timer`: a sleep the caller keeps across checkouts (a session's); moving its deadline later is an
+    /// atomic store, where a fresh timeout would be inserted into and removed from the timer wheel every time.
+    pub async fn checkout_for(
+        self: &Arc<Self>,
+        wait: Duration,
+        fair: Option<&crate::limit::Key>,
+        timer: Option<std::pin::Pin<&mut tokio::time::Sleep>>,
+    ) -> Result<Checkout> {
         let started = Instant::now();
         self.stats.waiting.fetch_add(1, Ordering::Relaxed);
         let waiting = Waiting(&self.stats.waiting);
+        let mut deadline = started + wait;
         if self.is_paused() {
             let _ = self.paused.subscribe().wait_for(|p| !*p).await;
+            deadline = Instant::now() + wait;
         }
-        let deadline = if self.is_paused() { Instant::now() + wait } else { started + wait };
-        let permit = tokio::time::timeout_at(deadline, self.permits.clone().acquire_owned()).await;
-        drop(waiting);
-        let permit = match permit {
-            Ok(Ok(p)) => p,
-            _ => return Err(self.wait_error(wait)),
+        let acquire = self.permits.clone().acquire_owned();
+        let permit = match timer {
+            Some(mut t) => {
+                t.as_mut().reset(deadline);
+                tokio::select! {
+                    biased;
+                    p = acquire => p.ok(),
+                    _ = t => None,
+                }
+            }
+            None => tokio::time::timeout_at(deadline, acquire).await.ok().and_then(|p| p.ok()),
         };
+        drop(waiting);
+        let Some(permit) = permit else { return Err(self.wait_error(wait)) };
         let budget = match self.budgets.load_full() {
             None => None,
             Some(b) => {

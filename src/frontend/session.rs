@@ -93,6 +93,8 @@ pub struct Session {
     pub admission: Option<crate::limit::Admission>,
     /// query_timeout / idle_transaction_timeout.
     pub(crate) timers: SessionTimers,
+    /// The deadline of checkout waits, reused across them (see `Pool::checkout_for`).
+    wait_timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     /// N+1 detection state (src/batch/detect.rs).
     pub(crate) nplus: crate::batch::detect::Tracker,
 }
@@ -119,6 +121,7 @@ impl Session {
         Session {
             admission: None,
             timers,
+            wait_timer: None,
             nplus: Default::default(),
             app,
             client,
@@ -439,9 +442,10 @@ impl Session {
             Some(co) => co,
             None => {
                 let _waiting = self.cancel.waiting();
+                let timer = self.wait_timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(Duration::ZERO))).as_mut();
                 tokio::select! {
                     biased;
-                    r = self.pool.checkout_for(self.wait_timeout, self.admission.as_ref().map(|a| &a.fair_key)) => r?,
+                    r = self.pool.checkout_for(self.wait_timeout, self.admission.as_ref().map(|a| &a.fair_key), Some(timer)) => r?,
                     _ = self.cancel.wait_cancelled() => return Err(Error::Canceled("user request")),
                 }
             }
