@@ -155,8 +155,8 @@ impl CancelSlot {
 
     /// The session is about to wait for a server connection; the guard marks it idle again if the wait ends
     /// without one (timeout, cancel).
-    pub fn waiting(&self) -> WaitingGuard<'_> {
-        self.wait_started_us.store(self.created.elapsed().as_micros() as u64, Ordering::Relaxed);
+    pub fn waiting(&self, now: Instant) -> WaitingGuard<'_> {
+        self.wait_started_us.store(now.saturating_duration_since(self.created).as_micros() as u64, Ordering::Relaxed);
         self.state.store(1, Ordering::Relaxed);
         WaitingGuard(self)
     }

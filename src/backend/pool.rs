@@ -226,20 +226,20 @@ impl Pool {
 
     /// Waits (FIFO) up to `wait` for a server connection. While the pool is paused the wait does not count.
     pub async fn checkout(self: &Arc<Self>, wait: Duration) -> Result<Checkout> {
-        self.checkout_for(wait, None, None).await
+        self.checkout_for(Instant::now(), wait, None, None).await
     }
 
     /// Waits up to `wait` for a server connection: FIFO within this pool, then, if the pool shares a budget,
     /// round-robin across `fair` keys (default: this pool's user). While the pool is paused the wait does not
-    /// count. `timer`: a sleep the caller keeps across checkouts (a session's); moving its deadline later is an
+    /// count. `started`: now, as the caller already read the clock. `timer`: a sleep the caller keeps across checkouts (a session's); moving its deadline later is an
     /// atomic store, where a fresh timeout would be inserted into and removed from the timer wheel every time.
     pub async fn checkout_for(
         self: &Arc<Self>,
+        started: Instant,
         wait: Duration,
         fair: Option<&crate::limit::Key>,
         timer: Option<std::pin::Pin<&mut tokio::time::Sleep>>,
     ) -> Result<Checkout> {
-        let started = Instant::now();
         self.stats.waiting.fetch_add(1, Ordering::Relaxed);
         let waiting = Waiting(&self.stats.waiting);
         let mut deadline = started + wait;

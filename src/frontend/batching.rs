@@ -117,7 +117,7 @@ impl Session {
 
     /// A member waits for its leader; a cancel or disconnect detaches only this member.
     async fn follow(&mut self, mut rx: oneshot::Receiver<Outcome>, at: usize, lookup: Lookup, had_parse: bool) -> Result<Intercepted> {
-        let waiting = self.cancel.waiting();
+        let waiting = self.cancel.waiting(tokio::time::Instant::now());
         // One wait for the whole loop: a cancel that lands while the loop turns is not lost.
         let slot = self.cancel.clone();
         let mut cancelled = slot.wait_cancelled();

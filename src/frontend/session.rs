@@ -441,11 +441,12 @@ impl Session {
         let mut co = match self.pool.try_checkout_now() {
             Some(co) => co,
             None => {
-                let _waiting = self.cancel.waiting();
+                let now = tokio::time::Instant::now();
+                let _waiting = self.cancel.waiting(now);
                 let timer = self.wait_timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(Duration::ZERO))).as_mut();
                 tokio::select! {
                     biased;
-                    r = self.pool.checkout_for(self.wait_timeout, self.admission.as_ref().map(|a| &a.fair_key), Some(timer)) => r?,
+                    r = self.pool.checkout_for(now, self.wait_timeout, self.admission.as_ref().map(|a| &a.fair_key), Some(timer)) => r?,
                     _ = self.cancel.wait_cancelled() => return Err(Error::Canceled("user request")),
                 }
             }
