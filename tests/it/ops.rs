@@ -184,6 +184,28 @@ async fn pause_waits_for_transactions_in_flight_and_holds_new_queries_until_resu
     assert_eq!(v, 7);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn time_spent_paused_does_not_count_against_the_wait_for_a_server() {
+    let wait = Duration::from_secs(2);
+    let settings = Settings { query_wait_timeout: Some(pgsurge::config::Dur(wait)), pool_size: Some(1), ..admins("app") };
+    let proxy = Proxy::start(settings).await;
+    let admin = console(&proxy, "app", "app").await;
+    let (first, second) = (proxy.client().await, proxy.client().await);
+    first.batch_execute("SELECT 1").await.unwrap();
+    admin.simple_query("PAUSE app").await.unwrap();
+    let first = tokio::spawn(async move { first.batch_execute("SELECT pg_sleep(0.2)").await });
+    let pool = proxy.app.pools()[0].clone();
+    assert!(eventually(Duration::from_secs(5), || async { pool.stats.waiting.load(Ordering::Relaxed) == 1 }).await);
+    let second = tokio::spawn(async move { second.query_one("SELECT 8", &[]).await.map(|r| r.get::<_, i32>(0)) });
+    tokio::time::sleep(wait * 3 / 2).await; // paused longer than a client may wait for a server
+    assert!(!second.is_finished(), "still waiting while paused, not failed with 53300");
+    admin.simple_query("RESUME").await.unwrap();
+    // The second waits behind the first's 0.2 s on the one server: well within its 2 s, counted from RESUME.
+    tokio::time::timeout(Duration::from_secs(5), first).await.expect("first served").unwrap().unwrap();
+    let v = tokio::time::timeout(Duration::from_secs(5), second).await.expect("second served").unwrap();
+    assert_eq!(v.expect("served after RESUME, not 53300"), 8);
+}
+
 #[tokio::test]
 async fn metrics_move_with_traffic_and_health_endpoints_answer() {
     let ops = start(Settings::default()).await;
