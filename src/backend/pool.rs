@@ -95,8 +95,9 @@ pub struct Pool {
     pub key: PoolKey,
     target: Mutex<ServerTarget>,
     settings: Mutex<PoolSettings>,
-    /// Boxed: a connection (TLS state included) is large, and it moves idle -> checkout -> session -> idle per transaction.
-    #[allow(clippy::vec_box)] // moved out and back in per checkout: a pointer, not the whole connection
+    /// Boxed: a connection (TLS state included) is large, and it moves idle -> checkout -> session -> idle
+    /// every transaction; a box moves as a pointer.
+    #[allow(clippy::vec_box)]
     idle: Mutex<Vec<Box<ServerConn>>>,
     permits: Arc<Semaphore>,
     /// Permits currently owned by the pool (its size); the semaphore is grown or shrunk to match on reload.
@@ -231,8 +232,9 @@ impl Pool {
 
     /// Waits up to `wait` for a server connection: FIFO within this pool, then, if the pool shares a budget,
     /// round-robin across `fair` keys (default: this pool's user). While the pool is paused the wait does not
-    /// count. `started`: now, as the caller already read the clock. `timer`: a sleep the caller keeps across checkouts (a session's); moving its deadline later is an
-    /// atomic store, where a fresh timeout would be inserted into and removed from the timer wheel every time.
+    /// count. `started`: now (the caller has read the clock already). `timer`: a sleep the caller keeps across
+    /// checkouts (a session's): moving its deadline later is an atomic store, where a fresh sleep is inserted into
+    /// and removed from the timer wheel every time (`None`: a fresh one).
     pub async fn checkout_for(
         self: &Arc<Self>,
         started: Instant,
@@ -247,17 +249,16 @@ impl Pool {
             let _ = self.paused.subscribe().wait_for(|p| !*p).await;
             deadline = Instant::now() + wait;
         }
-        let acquire = self.permits.clone().acquire_owned();
-        let permit = match timer {
-            Some(mut t) => {
-                t.as_mut().reset(deadline);
-                tokio::select! {
-                    biased;
-                    p = acquire => p.ok(),
-                    _ = t => None,
-                }
-            }
-            None => tokio::time::timeout_at(deadline, acquire).await.ok().and_then(|p| p.ok()),
+        let mut fresh = None;
+        let mut timer = match timer {
+            Some(t) => t,
+            None => fresh.insert(Box::pin(tokio::time::sleep_until(deadline))).as_mut(),
+        };
+        timer.as_mut().reset(deadline);
+        let permit = tokio::select! {
+            biased;
+            p = self.permits.clone().acquire_owned() => p.ok(),
+            _ = timer => None,
         };
         drop(waiting);
         let Some(permit) = permit else { return Err(self.wait_error(wait)) };
