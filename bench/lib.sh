@@ -112,6 +112,13 @@ sys_busy_ticks() {
   echo $((user + nice + system + irq + softirq + steal))
 }
 
+# idle_ticks: machine-wide idle+iowait ticks (all CPUs) from /proc/stat; the complement of sys_busy_ticks.
+idle_ticks() {
+  local cpu user nice system idle iowait rest
+  read -r cpu user nice system idle iowait rest </proc/stat
+  echo $((idle + iowait))
+}
+
 ticks_to_s() { python3 -c "print(f'{$1/$CLK_TCK:.3f}')"; }
 
 # ---------------------------------------------------------------- Postgres

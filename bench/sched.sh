@@ -44,11 +44,6 @@ proc_sched() {
   cat /proc/"$pid"/task/*/status 2>/dev/null |
     awk -v u="$u" -v s="$s" '/^voluntary_ctxt/{v+=$2} /^nonvoluntary_ctxt/{n+=$2} END{print u, s, v+0, n+0}'
 }
-idle_ticks() {
-  local cpu user nice system idle iowait rest
-  read -r cpu user nice system idle iowait rest </proc/stat
-  echo $((idle + iowait))
-}
 
 TS=$(date -u +%Y%m%dT%H%M%SZ)
 mkdir -p "$BENCH_DIR/results"
