@@ -45,13 +45,21 @@ proc_sched() {
     awk -v u="$u" -v s="$s" '/^voluntary_ctxt/{v+=$2} /^nonvoluntary_ctxt/{n+=$2} END{print u, s, v+0, n+0}'
 }
 
+# pg_sched: "voluntary involuntary" context switches summed over every Postgres backend (the pool's servers
+# live through the whole run, so a difference around a run is theirs).
+pg_sched() {
+  local p
+  for p in $(ps --ppid "$PG_PID" -o pid= 2>/dev/null); do cat "/proc/$p/status" 2>/dev/null; done |
+    awk '/^voluntary_ctxt/{v+=$2} /^nonvoluntary_ctxt/{n+=$2} END{print v+0, n+0}'
+}
+
 TS=$(date -u +%Y%m%dT%H%M%SZ)
 mkdir -p "$BENCH_DIR/results"
 RAW=$BENCH_DIR/results/sched-$TS.tsv
 {
   echo "# command: $BENCH_CMD"
   machine_facts
-  printf 'target\tround\ttps\ttx\tproxy_user_us\tproxy_sys_us\tproxy_sleeps\tproxy_preempted\tpg_us\tpgbench_us\tidle_us\n'
+  printf 'target\tround\ttps\ttx\tproxy_user_us\tproxy_sys_us\tproxy_sleeps\tproxy_preempted\tpg_us\tpg_sleeps\tpg_preempted\tpgbench_us\tidle_us\n'
 } >"$RAW"
 BENCH_ON_EXIT='grep -q "^pg.*	[0-9]" "$RAW" 2>/dev/null || rm -f "$RAW"'
 
@@ -63,18 +71,21 @@ for ((r = 1; r <= ROUNDS; r++)); do
     pid=$(target_pid "$t")
     read -r u0 s0 v0 n0 < <(proc_sched "$pid")
     i0=$(idle_ticks)
+    read -r pv0 pn0 < <(pg_sched)
     measure_pgbench "$t" "$WORKDIR/$t-$r.log" -n -S -c "$CLIENTS" -j "$JOBS" -T "$DURATION" "$(target_url $t)"
     read -r u1 s1 v1 n1 < <(proc_sched "$pid")
     i1=$(idle_ticks)
+    read -r pv1 pn1 < <(pg_sched)
     [ "$M_RC" = 0 ] && [ "$M_TX" != NA ] || die "pgbench through $t failed: $(tail -n 5 "$WORKDIR/$t-$r.log")"
     python3 - "$t" "$r" "$M_TPS" "$M_TX" "$u0" "$u1" "$s0" "$s1" "$v0" "$v1" "$n0" "$n1" "$M_PG_S" "$M_PGBENCH_S" \
-      "$i0" "$i1" "$CLK_TCK" >>"$RAW" <<'PY'
+      "$i0" "$i1" "$CLK_TCK" "$pv0" "$pv1" "$pn0" "$pn1" >>"$RAW" <<'PY'
 import sys
-t, r, tps, tx, u0, u1, s0, s1, v0, v1, n0, n1, pg, pgb, i0, i1, hz = sys.argv[1:]
+t, r, tps, tx, u0, u1, s0, s1, v0, v1, n0, n1, pg, pgb, i0, i1, hz, pv0, pv1, pn0, pn1 = sys.argv[1:]
 tx = int(tx); hz = float(hz)
 us = lambda ticks: ticks / hz * 1e6 / tx
 print("\t".join([t, r, tps, str(tx), f"{us(int(u1) - int(u0)):.2f}", f"{us(int(s1) - int(s0)):.2f}",
                  f"{(int(v1) - int(v0)) / tx:.3f}", f"{(int(n1) - int(n0)) / tx:.3f}", f"{float(pg) * 1e6 / tx:.1f}",
+                 f"{(int(pv1) - int(pv0)) / tx:.3f}", f"{(int(pn1) - int(pn0)) / tx:.3f}",
                  f"{float(pgb) * 1e6 / tx:.1f}", f"{us(int(i1) - int(i0)):.1f}"]))
 PY
     log "$t round $r: $(tail -n1 "$RAW" | cut -f3-)"
@@ -93,7 +104,7 @@ for line in open(raw):
         meta[k] = v
     elif line.strip() and not line.startswith("target"):
         rows.append(line.rstrip("\n").split("\t"))
-cols = ["tps", "tx", "proxy_user_us", "proxy_sys_us", "proxy_sleeps", "proxy_preempted", "pg_us", "pgbench_us", "idle_us"]
+cols = ["tps", "tx", "proxy_user_us", "proxy_sys_us", "proxy_sleeps", "proxy_preempted", "pg_us", "pg_sleeps", "pg_preempted", "pgbench_us", "idle_us"]
 med = {}
 for t in ("pgbouncer", "pgsurge"):
     rs = [r for r in rows if r[0] == t]
@@ -112,19 +123,19 @@ out.append(f"Setup: `pgbench -n -S -c {clients} -j {jobs} -T {dur}`, both proxie
 out.append(f"Raw runs: `bench/results/{raw.rsplit('/', 1)[-1]}`")
 out.append("")
 out.append("| target | tps | proxy user µs/tx | proxy kernel µs/tx | proxy sleeps/tx | proxy preempted/tx "
-           "| Postgres µs/tx | pgbench µs/tx | idle cores µs/tx |")
-out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+           "| Postgres µs/tx | Postgres sleeps/tx | Postgres preempted/tx | pgbench µs/tx | idle cores µs/tx |")
+out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 for t in ("pgbouncer", "pgsurge"):
     m = med[t]
     out.append(f"| {t} | {m['tps']:,.0f} | {m['proxy_user_us']:.2f} | {m['proxy_sys_us']:.2f} | {m['proxy_sleeps']:.3f} "
-               f"| {m['proxy_preempted']:.3f} | {m['pg_us']:.1f} | {m['pgbench_us']:.1f} | {m['idle_us']:.1f} |")
+               f"| {m['proxy_preempted']:.3f} | {m['pg_us']:.1f} | {m['pg_sleeps']:.3f} | {m['pg_preempted']:.3f} | {m['pgbench_us']:.1f} | {m['idle_us']:.1f} |")
 out.append("")
 out.append(f"pgsurge/PgBouncer: tps {s['tps'] / b['tps']:.2f}, proxy user CPU {s['proxy_user_us'] / b['proxy_user_us']:.2f}×, "
            f"proxy kernel CPU {s['proxy_sys_us'] / b['proxy_sys_us']:.2f}×, Postgres CPU {s['pg_us'] / b['pg_us']:.2f}×, "
            f"idle {s['idle_us'] / b['idle_us']:.2f}×.")
 out.append("")
 out.append("Columns: user/kernel = the proxy's utime/stime; sleeps = voluntary context switches (it waited for "
-           "events), preempted = involuntary ones (the scheduler took its core while it had work); idle cores = "
+           "events), preempted = involuntary ones (the scheduler took its core while it had work), for the proxy and summed over the Postgres backends; idle cores = "
            "idle+iowait ticks of the whole machine. With every process on the same 2 cores, tps ≈ 2 s / (sum of "
            "the CPU columns + idle) per transaction.")
 out.append("<!-- sched:end -->")

@@ -178,8 +178,8 @@ impl App {
                 notes.push(format!("{key} changed in the file but needs a restart; the running value stays"));
             }
         }
-        (new.listen, new.admin_listen, new.workers, new.log_format) =
-            (old.listen.clone(), old.admin_listen.clone(), old.workers, old.log_format);
+        (new.listen, new.admin_listen, new.workers, new.own_session, new.log_format) =
+            (old.listen.clone(), old.admin_listen.clone(), old.workers, old.own_session, old.log_format);
         self.limits.reload(&new.limits);
         for pool in self.pools() {
             let (Some(db), Some(user)) = (new.databases.get(&pool.key.database), new.users.get(&pool.key.user)) else { continue };

@@ -17,6 +17,7 @@ pub mod error;
 pub mod frontend;
 pub mod limit;
 pub mod net;
+pub mod process;
 pub mod protocol;
 pub mod sql;
 pub mod tls;

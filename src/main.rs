@@ -1,4 +1,5 @@
-//! The pgsurge binary: parse flags, load config, start logging and the runtime, wire signals, call `run`.
+//! The pgsurge binary: parse flags, load config, start logging, its own session and the runtime, wire signals,
+//! call `run`.
 
 use std::process::ExitCode;
 
@@ -25,6 +26,12 @@ fn main() -> ExitCode {
     match config.log_format {
         LogFormat::Json => tracing_subscriber::fmt().json().with_env_filter(filter).with_writer(std::io::stderr).init(),
         LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).init(),
+    }
+    if config.own_session {
+        match pgsurge::process::start_own_session() {
+            pgsurge::process::Placement::Failed(e) => tracing::warn!(error = %e, "could not start a session of its own (own_session)"),
+            p => tracing::debug!(placement = ?p, "own_session"),
+        }
     }
     // One worker: the current-thread scheduler (no work-stealing queues, no cross-thread wakeups to pay for).
     let workers = worker_threads(config.workers);

@@ -10,7 +10,7 @@ fn dur(d: Duration) -> String {
 }
 
 /// Keys whose new value a reload cannot apply (they are reported, and the running value stays).
-pub const RESTART_KEYS: &[&str] = &["listen", "admin_listen", "workers", "log_format"];
+pub const RESTART_KEYS: &[&str] = &["listen", "admin_listen", "workers", "own_session", "log_format"];
 
 pub fn rows(c: &Config) -> Vec<(&'static str, String, &'static str, bool)> {
     let auth = match c.auth_type {
@@ -40,6 +40,7 @@ pub fn rows(c: &Config) -> Vec<(&'static str, String, &'static str, bool)> {
         ("max_message_size", c.max_message_size.to_string(), "268435456"),
         ("max_prepared_statements", c.max_prepared_statements.to_string(), "256"),
         ("workers", c.workers.to_string(), "0"),
+        ("own_session", c.own_session.to_string(), "true"),
         ("log_format", log.into(), "text"),
         ("admin_users", c.admin_users.join(","), ""),
         ("stats_users", c.stats_users.join(","), ""),

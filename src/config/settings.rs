@@ -154,6 +154,9 @@ settings! {
     /// Runtime worker threads (0: 1 on up to 2 cores, else half the cores).
     #[arg(long, env = "PGSURGE_WORKERS")]
     workers: usize,
+    /// Start a session of its own (setsid) unless a terminal runs pgsurge in its foreground: true | false.
+    #[arg(long, env = "PGSURGE_OWN_SESSION", num_args = 0..=1, default_missing_value = "true")]
+    own_session: bool,
     /// text | json.
     #[arg(long, env = "PGSURGE_LOG_FORMAT")]
     log_format: String,

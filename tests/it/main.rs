@@ -10,6 +10,7 @@ mod drivers;
 mod limits;
 mod ops;
 mod pooling;
+mod process;
 mod resilience;
 mod tls;
 mod wire;
