@@ -10,17 +10,13 @@
 #   PGSURGE_BIN [build target/release/pgsurge]   RESULTS [bench/RESULTS.md]
 # Writes bench/results/batch-<timestamp>.tsv and the batch section of bench/RESULTS.md.
 
-BENCH_CMD=""
-for v in DURATION CLIENTS POOL PGSURGE_BIN; do
-  if [ -n "${!v+x}" ]; then BENCH_CMD+="$v=\"${!v}\" "; fi
-done
-BENCH_CMD+="bench/batch.sh${*:+ $*}"
+# shellcheck source=bench/lib.sh
+. "$(dirname "$0")/lib.sh"
+bench_command batch.sh "DURATION CLIENTS POOL PGSURGE_BIN" "$@"
 DURATION=${DURATION:-10}
 CLIENTS=${CLIENTS:-64}
 POOL=${POOL:-8}
 
-# shellcheck source=bench/lib.sh
-. "$(dirname "$0")/lib.sh"
 RESULTS=${RESULTS:-$BENCH_DIR/RESULTS.md}
 
 pgsurge_build

@@ -22,11 +22,9 @@
 #   CHECK_PACE_MS [5] pause between staleness-checker iterations   PGSURGE_BIN   RESULTS [bench/RESULTS.md]
 # Writes bench/results/cache-<timestamp>.tsv and the cache section of bench/RESULTS.md.
 
-BENCH_CMD=""
-for v in DURATION ROUNDS CLIENTS POOL JOBS WARMUP ZIPF WRITE_PCT RANGE_PCT MODE VARIANTS TARGETS CACHE_TTL CHECK_PACE_MS PGSURGE_BIN; do
-  if [ -n "${!v+x}" ]; then BENCH_CMD+="$v=\"${!v}\" "; fi
-done
-BENCH_CMD+="bench/cache.sh${*:+ $*}"
+# shellcheck source=bench/lib.sh
+. "$(dirname "$0")/lib.sh"
+bench_command cache.sh "DURATION ROUNDS CLIENTS POOL JOBS WARMUP ZIPF WRITE_PCT RANGE_PCT MODE VARIANTS TARGETS CACHE_TTL CHECK_PACE_MS PGSURGE_BIN" "$@"
 DURATION=${DURATION:-15}
 ROUNDS=${ROUNDS:-2}
 CLIENTS=${CLIENTS:-64}
@@ -45,8 +43,6 @@ SCALE=1
 ROWS=100000
 POINT_PCT=$((100 - WRITE_PCT - RANGE_PCT))
 
-# shellcheck source=bench/lib.sh
-. "$(dirname "$0")/lib.sh"
 RESULTS=${RESULTS:-$BENCH_DIR/RESULTS.md}
 read -r -a TARGET_LIST <<<"$TARGETS"
 read -r -a VARIANT_LIST <<<"$VARIANTS"
@@ -55,8 +51,7 @@ has_target() { [[ " $TARGETS " == *" $1 "* ]]; }
 
 case " $TARGETS " in *" pgsurge"*) pgsurge_build ;; esac
 pg_start
-log "pgbench -i -s $SCALE"
-"$PGBENCH" -i -s "$SCALE" -q "$DIRECT_URL" >"$WORKDIR/init.log" 2>&1 || die "pgbench -i failed: $(tail -n 5 "$WORKDIR/init.log")"
+pgbench_init "$SCALE"
 # the staleness checker's own table, so its writes do not void the workload's entries
 pg_super -d app -c "CREATE TABLE bench_stale (id int PRIMARY KEY, v bigint NOT NULL)" \
   -c "INSERT INTO bench_stale SELECT g, 0 FROM generate_series(1, 10) g" -c "ALTER TABLE bench_stale OWNER TO app" \

@@ -32,6 +32,18 @@ BENCH_JOB_PID=""  # the wrapper (/usr/bin/time) of the pgbench currently running
 log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 
+# bench_command SCRIPT "VAR ..." [ARGS...]: sets BENCH_CMD, the command line that reproduces this run: those of the
+# listed variables the caller set (call it before the script fills in its defaults), bench/SCRIPT and its arguments.
+bench_command() {
+  local script=$1 vars=$2 v
+  shift 2
+  BENCH_CMD=""
+  for v in $vars; do
+    if [ -n "${!v+x}" ]; then BENCH_CMD+="$v=\"${!v}\" "; fi
+  done
+  BENCH_CMD+="bench/$script${*:+ $*}"
+}
+
 bench_cleanup() {
   local p d
   if [ -n "${BENCH_ON_EXIT:-}" ]; then eval "$BENCH_ON_EXIT"; fi  # a workload's own hook
@@ -119,6 +131,14 @@ idle_ticks() {
   echo $((idle + iowait))
 }
 
+# ctx_switches PID...: "voluntary involuntary" context switches summed over every thread of the given processes
+# (voluntary: it waited for something; involuntary: the scheduler took its core while it had work).
+ctx_switches() {
+  local p
+  for p in "$@"; do cat /proc/"$p"/task/*/status 2>/dev/null; done |
+    awk '/^voluntary_ctxt/{v+=$2} /^nonvoluntary_ctxt/{n+=$2} END{print v+0, n+0}'
+}
+
 ticks_to_s() { python3 -c "print(f'{$1/$CLK_TCK:.3f}')"; }
 
 # ---------------------------------------------------------------- Postgres
@@ -126,6 +146,12 @@ ticks_to_s() { python3 -c "print(f'{$1/$CLK_TCK:.3f}')"; }
 pg_super() { runuser -u postgres -- "$PGBIN/psql" -X -q -h "$PGSOCK" -p "$PGPORT" -U postgres -v ON_ERROR_STOP=1 "$@"; }
 
 # pg_start [extra postgresql.conf lines...]: throwaway cluster, role app/app owning db app.
+# pgbench_init SCALE: loads pgbench's tables into the direct database.
+pgbench_init() {
+  log "pgbench -i -s $1"
+  "$PGBENCH" -i -s "$1" -q "$DIRECT_URL" >"$WORKDIR/init.log" 2>&1 || die "pgbench -i failed: $(tail -n 5 "$WORKDIR/init.log")"
+}
+
 pg_start() {
   local d=$WORKDIR/pg line
   PGPORT=$(free_port)

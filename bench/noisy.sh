@@ -10,11 +10,9 @@
 #   SCALE [10]   PGSURGE_BIN [build target/release/pgsurge]   RESULTS [bench/RESULTS.md]
 # Writes bench/results/noisy-<timestamp>.tsv and the noisy section of bench/RESULTS.md.
 
-BENCH_CMD=""
-for v in DURATION POOL A_CLIENTS B_CLIENTS A_QPS SCALE PGSURGE_BIN; do
-  if [ -n "${!v+x}" ]; then BENCH_CMD+="$v=\"${!v}\" "; fi
-done
-BENCH_CMD+="bench/noisy.sh${*:+ $*}"
+# shellcheck source=bench/lib.sh
+. "$(dirname "$0")/lib.sh"
+bench_command noisy.sh "DURATION POOL A_CLIENTS B_CLIENTS A_QPS SCALE PGSURGE_BIN" "$@"
 DURATION=${DURATION:-10}
 POOL=${POOL:-10}
 A_CLIENTS=${A_CLIENTS:-128}
@@ -22,14 +20,11 @@ B_CLIENTS=${B_CLIENTS:-8}
 A_QPS=${A_QPS:-150}
 SCALE=${SCALE:-10}
 
-# shellcheck source=bench/lib.sh
-. "$(dirname "$0")/lib.sh"
 RESULTS=${RESULTS:-$BENCH_DIR/RESULTS.md}
 
 pgsurge_build
 pg_start
-log "pgbench -i -s $SCALE"
-"$PGBENCH" -i -s "$SCALE" -q "$DIRECT_URL" >"$WORKDIR/init.log" 2>&1 || die "pgbench -i failed: $(tail -n 5 "$WORKDIR/init.log")"
+pgbench_init "$SCALE"
 pg_super -d app -c "CREATE ROLE b LOGIN PASSWORD 'b'" -c "GRANT SELECT ON ALL TABLES IN SCHEMA public TO b" \
   -c "GRANT ALL ON DATABASE app TO b" -c "VACUUM ANALYZE" >/dev/null || die "cannot create role b"
 

@@ -13,11 +13,9 @@
 # See bench/README.md for what each column means.
 
 # the exact command line, as typed (overridden env vars first)
-BENCH_CMD=""
-for v in BENCH_TARGETS ROUNDS DURATION POOL CLIENTS MODES STORM_CLIENTS JOBS SCALE WARMUP PGSURGE_BIN; do
-  if [ -n "${!v+x}" ]; then BENCH_CMD+="$v=\"${!v}\" "; fi
-done
-BENCH_CMD+="bench/run.sh${*:+ $*}"
+# shellcheck source=bench/lib.sh
+. "$(dirname "$0")/lib.sh"
+bench_command run.sh "BENCH_TARGETS ROUNDS DURATION POOL CLIENTS MODES STORM_CLIENTS JOBS SCALE WARMUP PGSURGE_BIN" "$@"
 
 QUICK=0
 for a in "$@"; do
@@ -41,8 +39,6 @@ JOBS=${JOBS:-2}
 SCALE=${SCALE:-10}
 WARMUP=${WARMUP:-3}
 
-# shellcheck source=bench/lib.sh
-. "$(dirname "$0")/lib.sh"
 RESULTS=${RESULTS:-$BENCH_DIR/RESULTS.md}
 
 read -r -a TARGETS <<<"$BENCH_TARGETS"
@@ -58,8 +54,7 @@ done
 if has_target pgsurge; then pgsurge_build; fi
 
 pg_start
-log "pgbench -i -s $SCALE"
-"$PGBENCH" -i -s "$SCALE" -q "$DIRECT_URL" >"$WORKDIR/init.log" 2>&1 || die "pgbench -i failed: $(tail -n 5 "$WORKDIR/init.log")"
+pgbench_init "$SCALE"
 pg_super -d app -c "VACUUM ANALYZE" >/dev/null
 if has_target pgbouncer; then pgbouncer_start "$POOL" transaction; fi
 if has_target pgsurge; then pgsurge_start "$POOL" transaction; fi

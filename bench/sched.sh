@@ -10,11 +10,9 @@
 #   JOBS [2]   SCALE [10]   PGSURGE_BIN [build target/release/pgsurge]   RESULTS [bench/RESULTS.md]
 # Writes bench/results/sched-<timestamp>.tsv and the sched section of bench/RESULTS.md.
 
-BENCH_CMD=""
-for v in ROUNDS DURATION CLIENTS POOL JOBS SCALE PGSURGE_BIN; do
-  if [ -n "${!v+x}" ]; then BENCH_CMD+="$v=\"${!v}\" "; fi
-done
-BENCH_CMD+="bench/sched.sh${*:+ $*}"
+# shellcheck source=bench/lib.sh
+. "$(dirname "$0")/lib.sh"
+bench_command sched.sh "ROUNDS DURATION CLIENTS POOL JOBS SCALE PGSURGE_BIN" "$@"
 ROUNDS=${ROUNDS:-5}
 DURATION=${DURATION:-6}
 CLIENTS=${CLIENTS:-64}
@@ -22,36 +20,28 @@ POOL=${POOL:-20}
 JOBS=${JOBS:-2}
 SCALE=${SCALE:-10}
 
-# shellcheck source=bench/lib.sh
-. "$(dirname "$0")/lib.sh"
 RESULTS=${RESULTS:-$BENCH_DIR/RESULTS.md}
 
 pgsurge_build
 pg_start
-log "pgbench -i -s $SCALE"
-"$PGBENCH" -i -s "$SCALE" -q "$DIRECT_URL" >"$WORKDIR/init.log" 2>&1 || die "pgbench -i failed: $(tail -n 5 "$WORKDIR/init.log")"
+pgbench_init "$SCALE"
 pgbouncer_start "$POOL" transaction
 pgsurge_start "$POOL" transaction
 
 # proc_sched PID: "utime stime voluntary involuntary" summed over the process' threads.
 proc_sched() {
-  local pid=$1 line rest u s
+  local pid=$1 line rest
   read -r line <"/proc/$pid/stat" || { echo "0 0 0 0"; return; }
   rest=${line##*) }
   # shellcheck disable=SC2086
   set -- $rest
-  u=${12}; s=${13}
-  cat /proc/"$pid"/task/*/status 2>/dev/null |
-    awk -v u="$u" -v s="$s" '/^voluntary_ctxt/{v+=$2} /^nonvoluntary_ctxt/{n+=$2} END{print u, s, v+0, n+0}'
+  echo "${12} ${13} $(ctx_switches "$pid")"
 }
 
 # pg_sched: "voluntary involuntary" context switches summed over every Postgres backend (the pool's servers
 # live through the whole run, so a difference around a run is theirs).
-pg_sched() {
-  local p
-  for p in $(ps --ppid "$PG_PID" -o pid= 2>/dev/null); do cat "/proc/$p/status" 2>/dev/null; done |
-    awk '/^voluntary_ctxt/{v+=$2} /^nonvoluntary_ctxt/{n+=$2} END{print v+0, n+0}'
-}
+# shellcheck disable=SC2046
+pg_sched() { ctx_switches $(ps --ppid "$PG_PID" -o pid= 2>/dev/null); }
 
 TS=$(date -u +%Y%m%dT%H%M%SZ)
 mkdir -p "$BENCH_DIR/results"
