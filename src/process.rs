@@ -42,7 +42,7 @@ pub fn start_own_session() -> Placement {
 }
 
 /// Whether this process' group is the foreground group of its controlling terminal (false without one).
-fn foreground_of_terminal() -> bool {
+pub fn foreground_of_terminal() -> bool {
     let Ok(tty) = std::fs::File::open("/dev/tty") else { return false };
     rustix::termios::tcgetpgrp(&tty).is_ok_and(|fg| fg == rustix::process::getpgrp())
 }

@@ -12,12 +12,6 @@ fn session_of(pid: u32) -> u32 {
     rest.split_whitespace().nth(3).and_then(|s| s.parse().ok()).expect("session field")
 }
 
-/// Whether this test runs as the foreground job of a terminal (then pgsurge must stay, so Ctrl-C reaches it).
-fn foreground_of_terminal() -> bool {
-    let Ok(tty) = std::fs::File::open("/dev/tty") else { return false };
-    rustix::termios::tcgetpgrp(&tty).is_ok_and(|fg| fg == rustix::process::getpgrp())
-}
-
 /// Starts the binary with an upstream nobody listens on (it is not contacted before a client logs in) and waits,
 /// up to 30 s, for its "accepting connections" line: by then it has placed itself.
 fn start(extra: &[&str]) -> Child {
@@ -62,7 +56,8 @@ fn started_without_a_terminal_in_front_pgsurge_leads_a_session_of_its_own() {
     let (pid, sid) = (child.id(), session_of(child.id()));
     let ours = session_of(std::process::id());
     stop(child);
-    if foreground_of_terminal() {
+    // Run as a terminal's foreground job, the test's child is one too: then it must stay, so Ctrl-C reaches it.
+    if pgsurge::process::foreground_of_terminal() {
         assert_eq!(sid, ours, "a terminal's foreground job stays in the terminal's session");
     } else {
         assert_eq!(sid, pid, "pgsurge should have started its own session (setsid)");
