@@ -9,7 +9,6 @@ use std::task::{Context, Poll};
 
 use parking_lot::Mutex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::protocol::encode;
@@ -270,7 +269,7 @@ impl CancelRegistry {
 /// Sends the CancelRequest and waits for Postgres to close the connection, which it does after signalling.
 pub async fn forward(t: &CancelTarget) -> std::io::Result<()> {
     let fut = async {
-        let mut s = TcpStream::connect((t.host.as_str(), t.port)).await?;
+        let mut s = crate::net::dial(&t.host, t.port).await?;
         s.write_all(&encode::cancel_request(t.pid, &t.secret)).await?;
         let mut sink = [0u8; 64];
         while s.read(&mut sink).await? > 0 {}

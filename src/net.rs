@@ -1,5 +1,5 @@
-//! A connection that is plain TCP or TLS (client-facing or upstream), so the session, handshake and server
-//! code read and write one type whichever it is.
+//! A connection that is plain TCP, TLS or (upstream only) a Unix-domain socket, so the session, handshake and
+//! server code read and write one type whichever it is; and `dial`, which opens an upstream one.
 
 use std::io;
 use std::net::SocketAddr;
@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 
 pub enum Stream {
     Plain(TcpStream),
@@ -16,6 +16,8 @@ pub enum Stream {
     ClientTls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
     /// A server connection upgraded to TLS (pgsurge is the TLS client).
     ServerTls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    /// A server connection over a Unix-domain socket (the upstream host is a directory, as in libpq).
+    Unix(UnixStream),
     /// Only while the TCP stream is handed to the TLS handshake; any I/O on it fails.
     Detached,
 }
@@ -36,7 +38,7 @@ impl Stream {
             Stream::Plain(s) => Some(s),
             Stream::ClientTls(s) => Some(s.get_ref().0),
             Stream::ServerTls(s) => Some(s.get_ref().0),
-            Stream::Detached => None,
+            Stream::Unix(_) | Stream::Detached => None,
         }
     }
 
@@ -48,8 +50,12 @@ impl Stream {
         self.tcp().ok_or_else(detached)?.local_addr()
     }
 
+    /// TCP_NODELAY; a Unix-domain socket has no Nagle delay to turn off.
     pub fn set_nodelay(&self, on: bool) -> io::Result<()> {
-        self.tcp().ok_or_else(detached)?.set_nodelay(on)
+        match self {
+            Stream::Unix(_) => Ok(()),
+            _ => self.tcp().ok_or_else(detached)?.set_nodelay(on),
+        }
     }
 
     /// Takes the plain TCP stream out for a TLS handshake (leaves `Detached`).
@@ -66,6 +72,11 @@ impl Stream {
     /// True if nothing is waiting to be read and the peer has not closed: one non-blocking peek, which
     /// consumes nothing (so it is safe under TLS too).
     pub fn looks_alive(&self) -> bool {
+        if let Stream::Unix(u) = self {
+            // The socket is non-blocking: "would block" means nothing waiting and the peer still there.
+            let mut probe = [0u8; 1];
+            return matches!(rustix::net::recv(u, &mut probe[..], rustix::net::RecvFlags::PEEK), Err(e) if e == rustix::io::Errno::AGAIN);
+        }
         let Some(tcp) = self.tcp() else { return false };
         let waker = Waker::from(Arc::new(Noop));
         let mut cx = Context::from_waker(&waker);
@@ -87,6 +98,7 @@ impl AsyncRead for Stream {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Stream::ClientTls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
             Stream::ServerTls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Detached => Poll::Ready(Err(detached())),
         }
     }
@@ -98,6 +110,7 @@ impl AsyncWrite for Stream {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Stream::ClientTls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
             Stream::ServerTls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Detached => Poll::Ready(Err(detached())),
         }
     }
@@ -107,6 +120,7 @@ impl AsyncWrite for Stream {
             Stream::Plain(s) => Pin::new(s).poll_flush(cx),
             Stream::ClientTls(s) => Pin::new(s.as_mut()).poll_flush(cx),
             Stream::ServerTls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Stream::Unix(s) => Pin::new(s).poll_flush(cx),
             Stream::Detached => Poll::Ready(Err(detached())),
         }
     }
@@ -116,6 +130,7 @@ impl AsyncWrite for Stream {
             Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Stream::ClientTls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
             Stream::ServerTls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Detached => Poll::Ready(Err(detached())),
         }
     }
@@ -125,6 +140,7 @@ impl AsyncWrite for Stream {
             Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             Stream::ClientTls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
             Stream::ServerTls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+            Stream::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             Stream::Detached => Poll::Ready(Err(detached())),
         }
     }
@@ -134,7 +150,46 @@ impl AsyncWrite for Stream {
             Stream::Plain(s) => s.is_write_vectored(),
             Stream::ClientTls(s) => s.is_write_vectored(),
             Stream::ServerTls(s) => s.is_write_vectored(),
+            Stream::Unix(s) => s.is_write_vectored(),
             Stream::Detached => false,
         }
+    }
+}
+
+/// The socket file libpq would use for `host` and `port`: a host that is an absolute path names the directory of
+/// Postgres' Unix-domain socket, `.s.PGSQL.<port>` in it.
+pub fn unix_socket_path(host: &str, port: u16) -> Option<std::path::PathBuf> {
+    host.starts_with('/').then(|| std::path::Path::new(host).join(format!(".s.PGSQL.{port}")))
+}
+
+/// Opens a plain connection to an upstream: TCP (TCP_NODELAY on), or the Unix-domain socket when `host` is a
+/// directory. TLS, if wanted, is layered on afterwards (TCP only, as libpq does).
+pub async fn dial(host: &str, port: u16) -> io::Result<Stream> {
+    if let Some(path) = unix_socket_path(host, port) {
+        return Ok(Stream::Unix(UnixStream::connect(path).await?));
+    }
+    let tcp = TcpStream::connect((host, port)).await?;
+    tcp.set_nodelay(true)?;
+    Ok(Stream::Plain(tcp))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    #[tokio::test]
+    async fn an_idle_unix_connection_looks_alive_until_the_peer_talks_or_leaves() {
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        let ours = Stream::Unix(ours);
+        assert!(ours.looks_alive(), "quiet and open");
+        theirs.write_all(b"E").await.unwrap();
+        assert!(!ours.looks_alive(), "an unread byte means it is not idle");
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let ours = Stream::Unix(ours);
+        drop(theirs);
+        assert!(!ours.looks_alive(), "the peer closed");
+        assert_eq!(unix_socket_path("/run/pg", 5433).unwrap(), std::path::Path::new("/run/pg/.s.PGSQL.5433"));
+        assert!(unix_socket_path("db.local", 5432).is_none());
     }
 }

@@ -87,7 +87,7 @@ pub async fn readiness(app: &App) -> Result<(), String> {
     let cfg = app.config.load_full();
     let mut last = String::from("no upstream configured");
     for d in cfg.databases.values() {
-        match tokio::time::timeout(Duration::from_secs(1), TcpStream::connect((d.host.as_str(), d.port))).await {
+        match tokio::time::timeout(Duration::from_secs(1), crate::net::dial(&d.host, d.port)).await {
             Ok(Ok(_)) => return Ok(()),
             Ok(Err(e)) => last = format!("upstream {}:{} unreachable: {e}", d.host, d.port),
             Err(_) => last = format!("upstream {}:{} unreachable: connect timed out", d.host, d.port),

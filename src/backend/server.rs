@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::auth::md5;
@@ -44,7 +43,9 @@ pub struct ServerTarget {
 
 impl ServerTarget {
     pub fn addr(&self) -> String {
-        if self.host.contains(':') {
+        if let Some(path) = crate::net::unix_socket_path(&self.host, self.port) {
+            path.display().to_string()
+        } else if self.host.contains(':') {
             format!("[{}]:{}", self.host, self.port)
         } else {
             format!("{}:{}", self.host, self.port)
@@ -87,9 +88,11 @@ impl ServerConn {
 
     async fn connect_inner(id: u64, target: &ServerTarget) -> Result<ServerConn> {
         let io_err = |e: std::io::Error| Error::UpstreamConnect { addr: target.addr(), reason: e.to_string() };
-        let tcp = TcpStream::connect((target.host.as_str(), target.port)).await.map_err(io_err)?;
-        tcp.set_nodelay(true).map_err(io_err)?;
-        let mut stream = crate::tls::connect_upstream(tcp, &target.host, &target.tls).await.map_err(io_err)?;
+        let mut stream = match crate::net::dial(&target.host, target.port).await.map_err(io_err)? {
+            Stream::Plain(tcp) => crate::tls::connect_upstream(tcp, &target.host, &target.tls).await.map_err(io_err)?,
+            // A Unix-domain socket is local: no TLS over it, whatever server_tls_mode says (libpq's rule).
+            local => local,
+        };
         stream.write_all(&encode::startup(&[("user", &target.user), ("database", &target.dbname)])).await.map_err(io_err)?;
         let mut conn = ServerConn {
             id,

@@ -282,7 +282,13 @@ fn client_tls(s: &Settings) -> Result<ClientTls, ConfigError> {
 }
 
 fn server_tls(s: &Settings) -> Result<crate::tls::ServerTls, ConfigError> {
-    let name = s.server_tls_mode.as_deref().unwrap_or("prefer");
+    let in_url = s.upstream.as_deref().and_then(|u| UpstreamUrl::parse(u).ok()).and_then(|u| u.sslmode);
+    let name = match (s.server_tls_mode.as_deref(), in_url.as_deref()) {
+        (Some(a), Some(b)) if a != b => {
+            return Err(bad(format!("server_tls_mode is {a:?} but the upstream URL says sslmode={b}: keep one")));
+        }
+        (a, b) => a.or(b).unwrap_or("prefer"),
+    };
     let mode = crate::tls::SslMode::parse(name)
         .ok_or_else(|| bad(format!("server_tls_mode must be disable, prefer, require, verify-ca or verify-full, not {name:?}")))?;
     let config = crate::tls::client_config(mode, s.server_tls_ca_file.as_deref()).map_err(bad)?;
@@ -336,6 +342,16 @@ mod tests {
         let db = &c.databases["appdb"];
         assert_eq!((db.host.as_str(), db.port, db.pool_size), ("127.0.0.1", 5433, 20));
         assert_eq!(c.users["app"].secret, Secret::Plain("secret".into()));
+    }
+
+    #[test]
+    fn sslmode_in_the_upstream_url_is_server_tls_mode_unless_they_disagree() {
+        let url = |q: &str| Settings { upstream: Some(format!("postgres://app:pw@127.0.0.1:5433/appdb?{q}")), ..Default::default() };
+        let c = Config::build(url("sslmode=disable")).unwrap();
+        assert_eq!(c.server_tls.mode, crate::tls::SslMode::Disable);
+        let both = Settings { server_tls_mode: Some("require".into()), ..url("sslmode=disable") };
+        let e = Config::build(both).unwrap_err();
+        assert!(e.to_string().contains("server_tls_mode"), "{e}");
     }
 
     #[test]

@@ -93,7 +93,8 @@ macro_rules! settings {
 }
 
 settings! {
-    /// Postgres to pool: postgres://USER:PASS@HOST:PORT/DB. Its user logs clients in with the same password.
+    /// Postgres to pool: postgres://USER:PASS@HOST:PORT/DB (a Unix socket: postgres://USER:PASS@/DB?host=/dir).
+    /// Its user logs clients in with the same password.
     #[arg(long, env = "PGSURGE_UPSTREAM")]
     upstream: String,
     /// Address clients connect to.

@@ -102,6 +102,10 @@ impl Pg {
             "listen_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{}'\nmax_connections = 300\nfsync = off\nsynchronous_commit = off\nfull_page_writes = off\nshared_preload_libraries = 'pg_stat_statements'\npg_stat_statements.track = all\nlog_min_messages = warning\n",
             dir.display()
         );
+        // Role app logs in with SCRAM over the Unix socket too (the superuser keeps trust there, for setup).
+        let hba_path = dir.join("data/pg_hba.conf");
+        let hba = std::fs::read_to_string(&hba_path).unwrap();
+        std::fs::write(&hba_path, format!("local all app scram-sha-256\n{hba}")).unwrap();
         let conf_path = dir.join("data/postgresql.conf");
         let mut text = std::fs::read_to_string(&conf_path).unwrap();
         text.push_str(&conf);

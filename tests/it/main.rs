@@ -13,4 +13,5 @@ mod pooling;
 mod process;
 mod resilience;
 mod tls;
+mod unix;
 mod wire;
