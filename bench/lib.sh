@@ -185,9 +185,9 @@ CONF
 
 # ---------------------------------------------------------------- PgBouncer
 
-# pgbouncer_start POOL_SIZE [pool_mode]
+# pgbouncer_start POOL_SIZE [pool_mode] [upstream host: 127.0.0.1, or a socket directory such as $PGSOCK]
 pgbouncer_start() {
-  local pool=$1 mode=${2:-transaction} d=$WORKDIR/pgbouncer secret
+  local pool=$1 mode=${2:-transaction} host=${3:-127.0.0.1} d=$WORKDIR/pgbouncer${3:+-${3//\//_}} secret
   [ -x "$PGBOUNCER_BIN" ] || die "no $PGBOUNCER_BIN (apt-get install pgbouncer)"
   PGB_PORT=$(free_port)
   install -d -o postgres -g postgres -m 750 "$d"
@@ -195,7 +195,7 @@ pgbouncer_start() {
   printf '"app" "%s"\n' "$secret" >"$d/userlist.txt"
   cat >"$d/pgbouncer.ini" <<INI
 [databases]
-app = host=127.0.0.1 port=$PGPORT dbname=app
+app = host=$host port=$PGPORT dbname=app
 [pgbouncer]
 listen_addr = 127.0.0.1
 listen_port = $PGB_PORT
@@ -269,6 +269,8 @@ target_url() {
     direct) echo "$DIRECT_URL" ;;
     pgbouncer) echo "$PGB_URL" ;;
     pgsurge) echo "$SURGE_URL" ;;
+    pgbouncer-unix) echo "$PGB_UNIX_URL" ;;
+    pgsurge-unix) echo "$SURGE_UNIX_URL" ;;
     *) die "unknown target $1" ;;
   esac
 }
@@ -277,6 +279,8 @@ target_pid() { # proxy pid, empty for direct
   case $1 in
     pgbouncer) echo "$PGB_PID" ;;
     pgsurge) echo "$SURGE_PID" ;;
+    pgbouncer-unix) echo "$PGB_UNIX_PID" ;;
+    pgsurge-unix) echo "$SURGE_UNIX_PID" ;;
     *) echo "" ;;
   esac
 }
