@@ -162,6 +162,15 @@ pub fn unix_socket_path(host: &str, port: u16) -> Option<std::path::PathBuf> {
     host.starts_with('/').then(|| std::path::Path::new(host).join(format!(".s.PGSQL.{port}")))
 }
 
+/// How an upstream is named in messages: the socket file's path, `[v6]:port` or `host:port`.
+pub fn display_addr(host: &str, port: u16) -> String {
+    match unix_socket_path(host, port) {
+        Some(path) => path.display().to_string(),
+        None if host.contains(':') => format!("[{host}]:{port}"),
+        None => format!("{host}:{port}"),
+    }
+}
+
 /// Opens a plain connection to an upstream: TCP (TCP_NODELAY on), or the Unix-domain socket when `host` is a
 /// directory. TLS, if wanted, is layered on afterwards (TCP only, as libpq does).
 pub async fn dial(host: &str, port: u16) -> io::Result<Stream> {
@@ -191,5 +200,7 @@ mod tests {
         assert!(!ours.looks_alive(), "the peer closed");
         assert_eq!(unix_socket_path("/run/pg", 5433).unwrap(), std::path::Path::new("/run/pg/.s.PGSQL.5433"));
         assert!(unix_socket_path("db.local", 5432).is_none());
+        assert_eq!(display_addr("/run/pg", 5433), "/run/pg/.s.PGSQL.5433");
+        assert_eq!(display_addr("::1", 5432), "[::1]:5432");
     }
 }

@@ -89,8 +89,8 @@ pub async fn readiness(app: &App) -> Result<(), String> {
     for d in cfg.databases.values() {
         match tokio::time::timeout(Duration::from_secs(1), crate::net::dial(&d.host, d.port)).await {
             Ok(Ok(_)) => return Ok(()),
-            Ok(Err(e)) => last = format!("upstream {}:{} unreachable: {e}", d.host, d.port),
-            Err(_) => last = format!("upstream {}:{} unreachable: connect timed out", d.host, d.port),
+            Ok(Err(e)) => last = format!("upstream {} unreachable: {e}", crate::net::display_addr(&d.host, d.port)),
+            Err(_) => last = format!("upstream {} unreachable: connect timed out", crate::net::display_addr(&d.host, d.port)),
         }
     }
     Err(last)

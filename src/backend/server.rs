@@ -43,13 +43,7 @@ pub struct ServerTarget {
 
 impl ServerTarget {
     pub fn addr(&self) -> String {
-        if let Some(path) = crate::net::unix_socket_path(&self.host, self.port) {
-            path.display().to_string()
-        } else if self.host.contains(':') {
-            format!("[{}]:{}", self.host, self.port)
-        } else {
-            format!("{}:{}", self.host, self.port)
-        }
+        crate::net::display_addr(&self.host, self.port)
     }
 }
 

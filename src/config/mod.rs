@@ -148,13 +148,13 @@ impl Config {
             check_addr("admin_listen", a)?;
         }
 
+        let upstream = s.upstream.as_deref().map(UpstreamUrl::parse).transpose().map_err(bad)?;
         let (client_tls_mode, client_tls) = client_tls(&s)?;
-        let server_tls = server_tls(&s)?;
+        let server_tls = server_tls(&s, upstream.as_ref().and_then(|u| u.sslmode.as_deref()))?;
 
         let mut users = BTreeMap::new();
         let mut databases = BTreeMap::new();
-        if let Some(url) = &s.upstream {
-            let u = UpstreamUrl::parse(url).map_err(bad)?;
+        if let Some(u) = upstream {
             users.insert(
                 u.user.clone(),
                 User { name: u.user.clone(), secret: Secret::from_config(&u.password), auth: auth_type, pool_size: None },
@@ -281,9 +281,9 @@ fn client_tls(s: &Settings) -> Result<ClientTls, ConfigError> {
     Ok((mode, config))
 }
 
-fn server_tls(s: &Settings) -> Result<crate::tls::ServerTls, ConfigError> {
-    let in_url = s.upstream.as_deref().and_then(|u| UpstreamUrl::parse(u).ok()).and_then(|u| u.sslmode);
-    let name = match (s.server_tls_mode.as_deref(), in_url.as_deref()) {
+/// `server_tls_mode`, or the upstream URL's `sslmode` standing in for it.
+fn server_tls(s: &Settings, url_sslmode: Option<&str>) -> Result<crate::tls::ServerTls, ConfigError> {
+    let name = match (s.server_tls_mode.as_deref(), url_sslmode) {
         (Some(a), Some(b)) if a != b => {
             return Err(bad(format!("server_tls_mode is {a:?} but the upstream URL says sslmode={b}: keep one")));
         }
