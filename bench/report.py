@@ -36,6 +36,26 @@ def load(path):
     return meta, rows
 
 
+def medians(rows, by, cols):
+    """{value of column `by`: {col: median of that column over its rows}} for rows from `load`."""
+    out = {}
+    for r in rows:
+        out.setdefault(r[by], []).append(r)
+    return {k: {c: statistics.median(float(r[c]) for r in rs) for c in cols} for k, rs in out.items()}
+
+
+def provenance(meta):
+    """The Command / Date / Machine / Versions lines a section opens with, from a raw file's `# key: value` header."""
+    return [
+        f"Command: `{meta.get('command', '')}`  ",
+        f"Date: {meta.get('date', '')}  ",
+        f"Machine: {meta.get('nproc', '?')} CPUs ({meta.get('cpu', '?')}), kernel {meta.get('kernel', '?')}, "
+        f"load average before {meta.get('load_before', '?')}  ",
+        f"Versions: {meta.get('postgres', '')}; PgBouncer {meta.get('pgbouncer', '')}; pgsurge commit "
+        f"{meta.get('pgsurge_commit', '')}, binary {meta.get('pgsurge_bin', '')}  ",
+    ]
+
+
 def med(values):
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None

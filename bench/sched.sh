@@ -83,30 +83,16 @@ PY
 done
 
 python3 - "$RAW" "$RESULTS" "$BENCH_DIR" "$CLIENTS" "$POOL" "$DURATION" "$ROUNDS" "$JOBS" <<'PY'
-import statistics, sys
+import sys
 raw, results, bench_dir, clients, pool, dur, rounds, jobs = sys.argv[1:]
 sys.path.insert(0, bench_dir)
-from report import write_section
-meta, rows = {}, []
-for line in open(raw):
-    if line.startswith("# "):
-        k, _, v = line[2:].rstrip("\n").partition(": ")
-        meta[k] = v
-    elif line.strip() and not line.startswith("target"):
-        rows.append(line.rstrip("\n").split("\t"))
+from report import load, medians, provenance, write_section
+meta, rows = load(raw)
 cols = ["tps", "tx", "proxy_user_us", "proxy_sys_us", "proxy_sleeps", "proxy_preempted", "pg_us", "pg_sleeps", "pg_preempted", "pgbench_us", "idle_us"]
-med = {}
-for t in ("pgbouncer", "pgsurge"):
-    rs = [r for r in rows if r[0] == t]
-    med[t] = {c: statistics.median(float(r[2 + i]) for r in rs) for i, c in enumerate(cols)}
+med = medians(rows, "target", cols)
 b, s = med["pgbouncer"], med["pgsurge"]
 out = ["<!-- sched:begin -->", "## Where a proxy's cost goes: `pgbench -S` at saturation, PgBouncer vs pgsurge", ""]
-out.append(f"Command: `{meta.get('command', '')}`  ")
-out.append(f"Date: {meta.get('date', '')}  ")
-out.append(f"Machine: {meta.get('nproc', '?')} CPUs ({meta.get('cpu', '?')}), kernel {meta.get('kernel', '?')}, "
-           f"load average before {meta.get('load_before', '?')}  ")
-out.append(f"Versions: {meta.get('postgres', '')}; PgBouncer {meta.get('pgbouncer', '')}; pgsurge commit "
-           f"{meta.get('pgsurge_commit', '')}, binary {meta.get('pgsurge_bin', '')}  ")
+out += provenance(meta)
 out.append(f"Setup: `pgbench -n -S -c {clients} -j {jobs} -T {dur}`, both proxies in transaction mode with pool {pool}, "
            f"alternated, {rounds} rounds; every figure is the median over rounds; per-transaction figures divide "
            f"/proc counters taken around each run by its transactions.  ")

@@ -60,29 +60,17 @@ print('\t'.join([t, r, tps, str(tx), us(p), us(g), us(b)]))" "$t" "$r" "$M_TPS" 
 done
 
 python3 - "$RAW" "$RESULTS" "$BENCH_DIR" "$CLIENTS" "$POOL" "$DURATION" "$ROUNDS" "$JOBS" <<'PY'
-import statistics, sys
+import sys
 raw, results, bench_dir, clients, pool, dur, rounds, jobs = sys.argv[1:]
 sys.path.insert(0, bench_dir)
-from report import write_section
-meta, rows = {}, []
-for line in open(raw):
-    if line.startswith("# "):
-        k, _, v = line[2:].rstrip("\n").partition(": ")
-        meta[k] = v
-    elif line.strip() and not line.startswith("target"):
-        rows.append(line.rstrip("\n").split("\t"))
-cols = ["tps", "tx", "proxy_us", "pg_us", "pgbench_us"]
+from report import load, medians, provenance, write_section
+meta, rows = load(raw)
 targets = ["pgbouncer", "pgbouncer-unix", "pgsurge", "pgsurge-unix"]
-med = {t: {c: statistics.median(float(r[2 + i]) for r in rows if r[0] == t) for i, c in enumerate(cols)} for t in targets}
+med = medians(rows, "target", ["tps", "tx", "proxy_us", "pg_us", "pgbench_us"])
 label = {"pgbouncer": "PgBouncer, TCP", "pgbouncer-unix": "PgBouncer, Unix socket", "pgsurge": "pgsurge, TCP",
          "pgsurge-unix": "pgsurge, Unix socket"}
 out = ["<!-- unix:begin -->", "## Upstream over the Unix socket or loopback TCP: `pgbench -S` at saturation", ""]
-out.append(f"Command: `{meta.get('command', '')}`  ")
-out.append(f"Date: {meta.get('date', '')}  ")
-out.append(f"Machine: {meta.get('nproc', '?')} CPUs ({meta.get('cpu', '?')}), kernel {meta.get('kernel', '?')}, "
-           f"load average before {meta.get('load_before', '?')}  ")
-out.append(f"Versions: {meta.get('postgres', '')}; PgBouncer {meta.get('pgbouncer', '')}; pgsurge commit "
-           f"{meta.get('pgsurge_commit', '')}, binary {meta.get('pgsurge_bin', '')}  ")
+out += provenance(meta)
 out.append(f"Setup: `pgbench -n -S -c {clients} -j {jobs} -T {dur}` over TCP to each proxy; each proxy in transaction "
            f"mode with pool {pool}, reaching Postgres over loopback TCP (SCRAM) or its Unix socket (`host=` the socket "
            f"directory; trust, as pg_hba's local lines say); the four alternated, {rounds} rounds; medians; CPU per "
