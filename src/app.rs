@@ -38,13 +38,20 @@ pub struct Counters {
 }
 
 pub struct App {
-    pub config: ArcSwap<Config>,
+    /// The live configuration; sessions hold the same handle.
+    pub config: Arc<ArcSwap<Config>>,
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
     /// SCRAM verifiers derived once per plaintext password (PBKDF2 is deliberately slow).
     verifiers: Mutex<HashMap<String, Arc<ScramSecret>>>,
     pub cancels: CancelRegistry,
-    /// Named prepared statements of every client, by text and parameter types.
-    pub statements: crate::frontend::statements::Registry,
+    /// Statements of every client, by text and parameter types, with what is known about each.
+    pub statements: Arc<crate::state::Registry>,
+    /// Statement analyses by text (simple queries; prepared statements keep theirs on the statement).
+    pub analyses: Arc<crate::state::Analyses>,
+    /// Numbers for the distinct sets of output-changing settings (cache and batch keys).
+    pub outputs: Arc<crate::state::settings::Outputs>,
+    /// Pools created so far: each gets the next number.
+    pool_ids: std::sync::atomic::AtomicU32,
     pub counters: Counters,
     /// Rate limits, connection caps and shared budgets (src/limit); rules swapped on reload.
     pub limits: Arc<crate::limit::Limiter>,
@@ -65,11 +72,14 @@ impl App {
             cache,
             batch: Default::default(),
             limits,
-            config: ArcSwap::from_pointee(config),
+            config: Arc::new(ArcSwap::from_pointee(config)),
             pools: Mutex::new(HashMap::new()),
             verifiers: Mutex::new(HashMap::new()),
             cancels: CancelRegistry::default(),
             statements: Default::default(),
+            analyses: Default::default(),
+            outputs: Default::default(),
+            pool_ids: Default::default(),
             counters: Counters::default(),
             shutdown: watch::channel(Shutdown::Running).0,
             ops: Default::default(),
@@ -127,7 +137,8 @@ impl App {
             max_prepared,
             tls: cfg.server_tls.clone(),
         };
-        let pool = Pool::new(key.clone(), target, pool_settings(&cfg, db, user));
+        let id = self.pool_ids.fetch_add(1, Ordering::Relaxed) + 1;
+        let pool = Pool::new(id, key.clone(), target, pool_settings(&cfg, db, user));
         crate::admin::init_pool(self, &pool);
         pool.set_budgets(self.limits.budgets_for(&db.name, &user.name));
         Ok(self.pools.lock().entry(key).or_insert(pool).clone())
@@ -140,6 +151,18 @@ impl App {
 
     pub fn pool_mode(&self, db: &Database) -> PoolMode {
         db.pool_mode
+    }
+
+    /// What a client session of `pool` works with.
+    pub fn parts(&self, pool: Arc<Pool>) -> crate::frontend::relay::Parts {
+        crate::frontend::relay::Parts {
+            pool,
+            registry: self.statements.clone(),
+            analyses: self.analyses.clone(),
+            cache: self.cache.clone(),
+            batcher: self.batch.clone(),
+            outputs: self.outputs.clone(),
+        }
     }
 
     pub fn client_count(&self) -> usize {

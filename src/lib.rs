@@ -20,6 +20,7 @@ pub mod net;
 pub mod process;
 pub mod protocol;
 pub mod sql;
+pub mod state;
 pub mod tls;
 
 use std::sync::atomic::Ordering;

@@ -24,7 +24,7 @@ pub use table::Table;
 #[derive(Default)]
 pub struct Ops {
     pub clients: ClientRegistry,
-    pub errors: ErrorCounts,
+    pub errors: Arc<ErrorCounts>,
     /// auth_query lookups, cached briefly.
     pub auth_cache: crate::auth::query::AuthCache,
     /// `PAUSE` state: everything, or these databases. Pools created later start paused too.

@@ -100,14 +100,14 @@ fn cache(app: &App) -> Table {
 fn cache_statements(app: &App) -> Table {
     let mut t = Table::new(&["statement", "hits", "misses", "hit_ratio", "saved_ms"]);
     if let Some(c) = &app.cache {
-        for (sql, s) in c.top_statements(50) {
-            let ratio = if s.hits + s.misses > 0 { s.hits as f64 / (s.hits + s.misses) as f64 } else { 0.0 };
+        for (sql, hits, misses, saved_us) in c.top_statements(50) {
+            let ratio = if hits + misses > 0 { hits as f64 / (hits + misses) as f64 } else { 0.0 };
             t.row(vec![
                 String::from_utf8_lossy(&sql).into(),
-                s.hits.into(),
-                s.misses.into(),
+                hits.into(),
+                misses.into(),
                 format!("{ratio:.3}").into(),
-                (s.saved_us / 1000).into(),
+                (saved_us / 1000).into(),
             ]);
         }
     }

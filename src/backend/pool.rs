@@ -93,6 +93,8 @@ struct Backoff {
 
 pub struct Pool {
     pub key: PoolKey,
+    /// Unique for the life of the process (never reused): what cache and batch keys say instead of the names.
+    pub id: u32,
     target: Mutex<ServerTarget>,
     settings: Mutex<PoolSettings>,
     /// Boxed: a connection (TLS state included) is large, and it moves idle -> checkout -> session -> idle
@@ -106,7 +108,7 @@ pub struct Pool {
     connect_gate: tokio::sync::Mutex<()>,
     backoff: Mutex<Backoff>,
     /// The settings the last session logged in with, shared with the next session that has the same ones.
-    shared_settings: Mutex<Arc<crate::frontend::params::Settings>>,
+    shared_settings: Mutex<Arc<crate::state::Settings>>,
     /// ParameterStatus values clients receive at login, learned from the first server connection.
     login_params: Mutex<Option<Vec<(String, String)>>>,
     next_id: AtomicU64,
@@ -123,10 +125,12 @@ const BACKOFF_START: Duration = Duration::from_millis(50);
 const BACKOFF_CAP: Duration = Duration::from_millis(500);
 
 impl Pool {
-    pub fn new(key: PoolKey, target: ServerTarget, settings: PoolSettings) -> Arc<Pool> {
+    /// `id`: unique among the pools of this process, never reused (the owner counts them).
+    pub fn new(id: u32, key: PoolKey, target: ServerTarget, settings: PoolSettings) -> Arc<Pool> {
         let size = settings.size;
         Arc::new(Pool {
             key,
+            id,
             target: Mutex::new(target),
             settings: Mutex::new(settings),
             idle: Mutex::new(Vec::new()),
@@ -181,7 +185,7 @@ impl Pool {
     }
 
     /// An `Arc` of `settings`, the same one other sessions with equal settings hold (the most recent kind is kept).
-    pub fn share_settings(&self, settings: &crate::frontend::params::Settings) -> Arc<crate::frontend::params::Settings> {
+    pub fn share_settings(&self, settings: &crate::state::Settings) -> Arc<crate::state::Settings> {
         let mut last = self.shared_settings.lock();
         if **last != *settings {
             *last = Arc::new(settings.clone());

@@ -58,7 +58,7 @@ pub struct ServerConn {
     /// ParameterStatus values the server reported at login.
     pub reported: Vec<(String, String)>,
     /// Session settings pgsurge applied on behalf of clients (name -> value); empty means server defaults.
-    pub applied: Arc<crate::frontend::params::Settings>,
+    pub applied: Arc<crate::state::Settings>,
     /// Statements prepared here under pgsurge's names (registry id -> server name), least recently used first out.
     pub prepared: lru::LruCache<u64, String>,
     /// Statements pgsurge closed but the server did not (the Close was skipped after an error): still prepared

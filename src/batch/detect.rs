@@ -4,11 +4,12 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use bytes::Bytes;
+use std::sync::Arc;
+
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
-use super::Batcher;
+use crate::state::Statement;
 
 /// Lookups of one statement at most this far apart belong to one pattern.
 pub const GAP: Duration = Duration::from_secs(1);
@@ -55,40 +56,32 @@ impl Reports {
 }
 
 struct Run {
-    sql: Bytes,
+    statement: Arc<Statement>,
     count: u32,
     first: Instant,
     last: Instant,
-    /// The statement's fingerprint group, computed (one parse) the first time the run is long enough.
-    group: Option<Option<u64>>,
 }
 
 /// One session's recent lookups.
 #[derive(Default)]
 pub struct Tracker {
     runs: Vec<Run>,
-    /// The last statement seen that is not a lookup: repeated non-lookups cost one comparison.
-    not_lookup: Option<Bytes>,
 }
 
 impl Tracker {
-    /// Notes one execution of `sql` (statement text of an extended-protocol request).
-    pub fn observe(&mut self, batcher: &Batcher, sql: &[u8], now: Instant) {
-        if self.not_lookup.as_deref() == Some(sql) {
-            return;
-        }
-        let i = match self.runs.iter().position(|r| r.sql == sql) {
+    /// Notes one execution of `statement` (an extended-protocol request's).
+    pub fn observe(&mut self, reports: &Reports, statement: &Arc<Statement>, now: Instant) {
+        let i = match self.runs.iter().position(|r| Arc::ptr_eq(&r.statement, statement)) {
             Some(i) => i,
             None => {
-                if batcher.shape(sql).is_none() {
-                    self.not_lookup = Some(Bytes::copy_from_slice(sql));
+                if statement.lookup().is_none() {
                     return;
                 }
                 if self.runs.len() == SLOTS {
                     let oldest = self.runs.iter().enumerate().min_by_key(|(_, r)| r.last).map_or(0, |(i, _)| i);
                     self.runs.swap_remove(oldest);
                 }
-                self.runs.push(Run { sql: Bytes::copy_from_slice(sql), count: 0, first: now, last: now, group: None });
+                self.runs.push(Run { statement: statement.clone(), count: 0, first: now, last: now });
                 self.runs.len() - 1
             }
         };
@@ -103,12 +96,14 @@ impl Tracker {
         if count < MIN_RUN {
             return;
         }
-        // Every lookup of a long run lands here: the parse behind the fingerprint is done once per run.
-        let sql = &r.sql;
-        let Some(group) = *r.group.get_or_insert_with(|| crate::sql::fingerprint_group(&String::from_utf8_lossy(sql))) else { return };
-        let make =
-            || Pattern { fix: suggested_fix(batcher, &r.sql), example: String::from_utf8_lossy(&r.sql).into_owned(), ..Default::default() };
-        batcher.detect.add(group, make, |p| {
+        // The fingerprint behind the group is computed once per statement.
+        let Some(group) = r.statement.group() else { return };
+        let make = || Pattern {
+            fix: suggested_fix(&r.statement),
+            example: String::from_utf8_lossy(&r.statement.query).into_owned(),
+            ..Default::default()
+        };
+        reports.add(group, make, |p| {
             if count == MIN_RUN {
                 p.occurrences += 1;
                 p.lookups += MIN_RUN as u64;
@@ -121,11 +116,11 @@ impl Tracker {
     }
 }
 
-fn suggested_fix(batcher: &Batcher, sql: &[u8]) -> String {
-    match batcher.shape(sql) {
-        Some(e) => format!(
+fn suggested_fix(statement: &Statement) -> String {
+    match statement.lookup() {
+        Some(l) => format!(
             "fetch all keys in one query: ... FROM {} WHERE {} = ANY($1) with an array of keys, or join {} into the query that produced them",
-            e.shape.table, e.shape.key_column, e.shape.table
+            l.shape.table, l.shape.key_column, l.shape.table
         ),
         None => "fetch all keys in one query (= ANY($1) with an array of keys) or join".into(),
     }
@@ -137,24 +132,26 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn five_lookups_within_the_gap_are_a_pattern() {
-        let b = Batcher::default();
+        let b = Reports::default();
+        let r = crate::state::Registry::default();
         let mut t = Tracker::default();
-        let q = b"SELECT name FROM users WHERE id = $1";
+        let q = r.intern(b"SELECT name FROM users WHERE id = $1", b"\0\0");
+        let other = r.intern(b"SELECT 1", b"\0\0");
         for _ in 0..4 {
-            t.observe(&b, q, Instant::now());
-            t.observe(&b, b"SELECT 1", Instant::now());
+            t.observe(&b, &q, Instant::now());
+            t.observe(&b, &other, Instant::now());
             tokio::time::advance(Duration::from_millis(10)).await;
         }
-        assert!(b.detect.patterns().is_empty());
-        t.observe(&b, q, Instant::now());
-        let p = b.detect.patterns();
+        assert!(b.patterns().is_empty());
+        t.observe(&b, &q, Instant::now());
+        let p = b.patterns();
         assert_eq!((p[0].occurrences, p[0].lookups), (1, 5));
         assert!(p[0].fix.contains("users WHERE id = ANY($1)"), "{}", p[0].fix);
         tokio::time::advance(Duration::from_secs(2)).await;
         for _ in 0..6 {
-            t.observe(&b, q, Instant::now());
+            t.observe(&b, &q, Instant::now());
         }
-        let p = b.detect.patterns();
+        let p = b.patterns();
         assert_eq!((p[0].occurrences, p[0].lookups), (2, 11));
     }
 }

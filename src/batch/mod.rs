@@ -4,12 +4,14 @@
 //!
 //! - `wire`: Bind reading, array building, ordinal stripping, per-asker replies (pure).
 //! - `run`: learning a shape's parameter type and executing a merged statement on a server connection.
+//! - `stage`: the batcher's stop in a client's request path: who joins, who leads.
 //! - `report`: SHOW BATCHES, SHOW NPLUSONE, /metrics.
 //! - `detect`: per-session N+1 pattern tracking and the `SHOW NPLUSONE` aggregates.
 
 pub mod detect;
 pub mod report;
 pub mod run;
+pub mod stage;
 pub mod wire;
 
 use std::collections::HashMap;
@@ -19,55 +21,17 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
-use crate::frontend::statements::Statement;
-use crate::sql::BatchShape;
+/// Distinct statements whose counters are kept (SHOW BATCHES); past this new ones are not counted.
+const MAX_STATS: usize = 4096;
 
-/// Distinct statement texts whose verdict is remembered; past this the memory starts over.
-const MAX_VERDICTS: usize = 4096;
-
-/// A batchable statement text, and what was learned about it per declared parameter types.
-pub struct ShapeEntry {
-    pub shape: BatchShape,
-    learned: Mutex<HashMap<Bytes, Learned>>,
-}
-
-/// What a server told us about a shape (once per text + declared types).
-#[derive(Clone)]
-pub enum Learned {
-    Unknown,
-    /// The parameter's type has no plain array form, or the statement has no single parameter.
-    Never,
-    Ready(Arc<Ready>),
-}
-
-/// A shape ready to merge: the key's element type and the merged statement (prepared on demand per server).
-#[derive(Debug)]
-pub struct Ready {
-    pub elem_oid: u32,
-    /// Columns of the original statement.
-    pub ncols: usize,
-    pub merged: Arc<Statement>,
-}
-
-impl ShapeEntry {
-    pub fn learned(&self, types: &[u8]) -> Learned {
-        self.learned.lock().get(types).cloned().unwrap_or(Learned::Unknown)
-    }
-
-    pub fn learn(&self, types: &[u8], l: Learned) {
-        self.learned.lock().insert(Bytes::copy_from_slice(types), l);
-    }
-}
-
-/// Everything requests must share to be merged (correctness.md): database, user, output-changing settings
-/// (incl. role), statement text and parameter types, parameter format, result formats, Describe or not.
+/// Everything requests must share to be merged (correctness.md): the pool (database, user), the output-changing
+/// settings (incl. role), the statement (its exact text and parameter types), parameter format, result formats,
+/// Describe or not.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct BatchKey {
-    pub database: String,
-    pub user: String,
-    pub settings: String,
-    pub sql: Bytes,
-    pub types: Bytes,
+    pub pool: u32,
+    pub output: u32,
+    pub statement: u64,
     pub param_format: i16,
     pub result_formats: Bytes,
     pub describe: bool,
@@ -113,31 +77,12 @@ pub struct ShapeStats {
 
 #[derive(Default)]
 pub struct Batcher {
-    verdicts: Mutex<HashMap<Bytes, Option<Arc<ShapeEntry>>>>,
     pending: Mutex<HashMap<Arc<BatchKey>, Arc<Pending>>>,
     stats: Mutex<HashMap<Bytes, ShapeStats>>,
     pub detect: detect::Reports,
 }
 
 impl Batcher {
-    /// The batchable shape of `sql`, decided once per text with pg_query.
-    pub fn shape(&self, sql: &[u8]) -> Option<Arc<ShapeEntry>> {
-        if let Some(v) = self.verdicts.lock().get(sql) {
-            return v.clone();
-        }
-        let v = std::str::from_utf8(sql)
-            .ok()
-            .and_then(crate::sql::batchable)
-            .filter(|s| s.literal.is_none())
-            .map(|shape| Arc::new(ShapeEntry { shape, learned: Default::default() }));
-        let mut map = self.verdicts.lock();
-        if map.len() >= MAX_VERDICTS {
-            map.clear();
-        }
-        map.insert(Bytes::copy_from_slice(sql), v.clone());
-        v
-    }
-
     /// Whether any batch is pending (a lookup with a free server and no batch to join passes without
     /// building its key).
     pub fn any_pending(&self) -> bool {
@@ -168,7 +113,7 @@ impl Batcher {
         let mut m = self.stats.lock();
         if let Some(s) = m.get_mut(sql) {
             f(s);
-        } else if m.len() < MAX_VERDICTS {
+        } else if m.len() < MAX_STATS {
             f(m.entry(sql.clone()).or_default());
         }
     }
@@ -233,17 +178,8 @@ pub fn distinct(askers: &[Asker]) -> (Vec<Option<Bytes>>, Vec<usize>) {
 mod tests {
     use super::*;
 
-    fn key(sql: &'static str) -> BatchKey {
-        BatchKey {
-            database: "d".into(),
-            user: "u".into(),
-            settings: String::new(),
-            sql: Bytes::from_static(sql.as_bytes()),
-            types: Bytes::new(),
-            param_format: 0,
-            result_formats: Bytes::new(),
-            describe: true,
-        }
+    fn key(statement: &'static str) -> BatchKey {
+        BatchKey { pool: 1, output: 1, statement: statement.len() as u64, param_format: 0, result_formats: Bytes::new(), describe: true }
     }
 
     #[test]

@@ -6,14 +6,15 @@ use std::sync::Arc;
 use bytes::{BufMut, BytesMut};
 
 use super::wire::{self, Fetched};
-use super::{Learned, Ready};
 use crate::backend::ServerConn;
 use crate::error::{Error, Result};
-use crate::frontend::statements::{self as st, Registry};
 use crate::protocol::codes::*;
 use crate::protocol::encode::put_msg;
 use crate::protocol::frame::complete_len;
+use crate::protocol::message::put_statement_target;
 use crate::sql::BatchShape;
+use crate::state::statements::{Learned, Ready};
+use crate::state::Registry;
 
 /// One whole frame from the server (header included), without copying it.
 pub async fn frame(conn: &mut ServerConn) -> Result<BytesMut> {
@@ -86,7 +87,7 @@ pub async fn execute(
     if conn.prepared.get(&stmt.id).is_none() {
         if let Some((_, evicted)) = conn.prepared.push(stmt.id, stmt.server_name.clone()) {
             if evicted != stmt.server_name {
-                st::put_target(&mut out, CLOSE, &evicted);
+                put_statement_target(&mut out, CLOSE, evicted.as_bytes());
             }
         }
         out.put_slice(&stmt.parse);

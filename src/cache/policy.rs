@@ -1,10 +1,7 @@
 //! What the read cache may answer, and for how long: correctness.md's rules applied to a statement analysis,
 //! then `[[cache.rules]]` and `/* pgsurge:cache ttl=… */` hints.
 
-use std::sync::Arc;
 use std::time::Duration;
-
-use bytes::Bytes;
 
 use super::config::CacheConfig;
 use crate::sql::{reason, Analysis, Cacheability, StatementClass};
@@ -21,12 +18,17 @@ pub struct Decision {
 /// Reasons a rule may override: they are about what pgsurge cannot know, not about what it knows is unsafe.
 const SOFT: &[&str] = &[reason::CATALOG, reason::UNKNOWN_FUNCTION];
 
-pub fn decide(cfg: &CacheConfig, sql: &str, a: &Analysis) -> Option<Decision> {
+pub fn decide(cfg: &CacheConfig, sql: &[u8], a: &Analysis) -> Option<Decision> {
     if a.hints.nocache || a.class != StatementClass::Select {
         return None;
     }
-    let text = sql.trim().trim_end_matches(';').trim();
-    let statement_rule = cfg.rules.iter().find(|r| r.statement.as_deref().map(|s| s.trim().trim_end_matches(';').trim()) == Some(text));
+    let statement_rule = if cfg.rules.iter().any(|r| r.statement.is_some()) {
+        let sql = String::from_utf8_lossy(sql);
+        let text = sql.trim().trim_end_matches(';').trim();
+        cfg.rules.iter().find(|r| r.statement.as_deref().map(|s| s.trim().trim_end_matches(';').trim()) == Some(text))
+    } else {
+        None
+    };
     let table_rules: Vec<_> = cfg.rules.iter().filter(|r| r.table.as_ref().is_some_and(|t| a.tables_read.iter().any(|x| x == t))).collect();
     if statement_rule.is_some_and(|r| r.cache == Some(false)) || table_rules.iter().any(|r| r.cache == Some(false)) {
         return None;
@@ -51,23 +53,6 @@ pub fn decide(cfg: &CacheConfig, sql: &str, a: &Analysis) -> Option<Decision> {
     Some(Decision { ttl, tables: a.tables_read.clone(), opted_in })
 }
 
-/// Statement analyses, once per distinct text.
-pub struct Analyses {
-    map: moka::sync::Cache<Bytes, Arc<Analysis>>,
-}
-
-impl Default for Analyses {
-    fn default() -> Self {
-        Analyses { map: moka::sync::Cache::new(10_000) }
-    }
-}
-
-impl Analyses {
-    pub fn get(&self, sql: &Bytes) -> Arc<Analysis> {
-        self.map.get_with_by_ref(sql, || Arc::new(crate::sql::analyze(&String::from_utf8_lossy(sql))))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -79,7 +64,7 @@ mod tests {
     }
 
     fn decide_sql(c: &CacheConfig, sql: &str) -> Option<Decision> {
-        decide(c, sql, &crate::sql::analyze(sql))
+        decide(c, sql.as_bytes(), &crate::sql::analyze(sql))
     }
 
     #[test]

@@ -127,7 +127,7 @@ impl Handshake<'_> {
         }
         self.authenticate(&user, known.as_ref()).await?;
         let user_cfg = known.ok_or_else(|| Error::AuthFailed(user.clone()))?;
-        let client_settings = crate::frontend::params::from_startup(&params);
+        let client_settings = crate::state::settings::from_startup(&params);
         // Connection caps and rates: refused here (FATAL 53300) before any server work for this client.
         let admission = match &db {
             Some(d) => Some(self.app.limits.admit(&user, &d.name, self.addr.ip())?),

@@ -92,7 +92,18 @@ async fn serve_client(app: Arc<App>, stream: TcpStream, addr: SocketAddr) {
         return;
     }
     let mode = app.pool_mode(&db);
-    let mut session = Session::new(app.clone(), stream, rbuf, pool, mode, logged_in.params, cancel.slot.clone());
+    let max_message = app.config.load().max_message_size;
+    let conn = crate::frontend::conn::ClientConn::new(stream, rbuf, max_message);
+    let mut session = Session::new(
+        app.parts(pool),
+        app.config.clone(),
+        app.ops.errors.clone(),
+        app.shutdown.subscribe(),
+        conn,
+        mode,
+        logged_in.params,
+        cancel.slot.clone(),
+    );
     session.admission = logged_in.admission;
     let result = session.run().await;
     match result {
@@ -105,7 +116,7 @@ async fn serve_client(app: Arc<App>, stream: TcpStream, addr: SocketAddr) {
             app.ops.errors.count(e.sqlstate());
             let mut out = BytesMut::new();
             e.write_with(&mut out, Severity::Fatal);
-            let _ = session.client.write_all(&out).await;
+            let _ = session.conn.write(&out).await;
         }
     }
     tracing::info!(client = %addr, db = %logged_in.database, user = %logged_in.user, "disconnect");

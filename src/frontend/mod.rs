@@ -1,11 +1,13 @@
-//! Client side: the listener, the startup/auth handshake, and the per-client session loop.
+//! Client side: the listener, the startup/auth handshake, and the per-client pipeline: the connection
+//! (`conn.rs`), the stages a request goes through (`session.rs`), local answers (`local.rs`), and the relay to
+//! the server connection (`relay.rs`, `forward.rs`, the owed-replies queue `expect.rs`, `retry.rs`).
 
-pub mod batching;
+pub mod conn;
 pub mod expect;
+pub mod forward;
 pub mod handshake;
-pub mod intercept;
 pub mod listener;
-pub mod params;
-pub mod request;
+pub mod local;
+pub mod relay;
+pub mod retry;
 pub mod session;
-pub mod statements;

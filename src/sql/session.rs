@@ -42,6 +42,11 @@ pub enum Effect {
     },
 }
 
+/// `set_config` takes the value as text, parsed exactly as a startup parameter would be (lists included).
+pub fn set_config_sql(name: &str, value: &str) -> String {
+    format!("SELECT pg_catalog.set_config('{}', '{}', false)", name.replace('\'', "''"), value.replace('\'', "''"))
+}
+
 const KEYWORDS: &[&str] = &["set", "reset", "discard", "listen", "unlisten", "prepare", "deallocate", "create", "declare", "load", "close"];
 
 /// The first keyword of `sql` after whitespace and comments, lowercased (at most 10 bytes looked at).
@@ -149,7 +154,7 @@ fn function_effects(f: &protobuf::FuncCall, out: &mut Vec<Effect>) {
             let setting = args.first().and_then(const_str).map(str::to_ascii_lowercase);
             match (setting, args.get(1).and_then(const_str), local) {
                 (_, _, Some(true)) => {} // lasts only for the transaction
-                (Some(n), Some(v), Some(false)) => out.push(Effect::Set { sql: crate::frontend::params::set_config_sql(&n, v), name: n }),
+                (Some(n), Some(v), Some(false)) => out.push(Effect::Set { sql: set_config_sql(&n, v), name: n }),
                 // A value pgsurge cannot see (a parameter): the setting holds on this connection only; other
                 // server connections keep the client's previous value, and this one is reset before reuse.
                 (Some(n), None, Some(false)) => out.push(Effect::Unapplied { name: n }),

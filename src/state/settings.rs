@@ -1,8 +1,11 @@
-//! Session settings a client expects on whatever server connection it lands on, and the statements that bring
-//! a server in line on checkout. Each setting is kept as the SQL that establishes it: `set_config(...)` for
-//! startup parameters and reported values, the client's own `SET` text for what it set itself.
+//! Session settings a client expects on whatever server connection it lands on, the statements that bring a
+//! server in line on checkout, and the output-changing subset that cache and batch keys include. Each setting is
+//! kept as the SQL that establishes it: `set_config(...)` for startup parameters and reported values, the
+//! client's own `SET` text for what it set itself.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+
+use parking_lot::Mutex;
 
 /// Lowercase setting name -> the SQL that establishes it.
 pub type Settings = BTreeMap<String, String>;
@@ -21,10 +24,7 @@ const SERVER_FACTS: &[&str] = &[
     "session_authorization",
 ];
 
-/// `set_config` takes the value as text, parsed exactly as a startup parameter would be (lists included).
-pub fn set_config_sql(name: &str, value: &str) -> String {
-    format!("SELECT pg_catalog.set_config('{}', '{}', false)", name.replace('\'', "''"), value.replace('\'', "''"))
-}
+pub use crate::sql::session::set_config_sql;
 
 /// Settings from the startup packet, including `options=-c name=value` / `--name=value`.
 pub fn from_startup(params: &[(String, String)]) -> Settings {
@@ -97,6 +97,63 @@ pub fn sync_statements(wanted: &Settings, applied: &Settings) -> Vec<(String, St
     out
 }
 
+/// Settings that change what a SELECT returns (correctness.md): part of every cache and batch key, with every
+/// custom (dotted) setting, which row-level security policies read through `current_setting`.
+pub const OUTPUT_SETTINGS: &[&str] = &[
+    "search_path",
+    "timezone",
+    "datestyle",
+    "intervalstyle",
+    "client_encoding",
+    "extra_float_digits",
+    "bytea_output",
+    "standard_conforming_strings",
+    "lc_monetary",
+    "lc_numeric",
+    "lc_time",
+    "role",
+    "session_authorization",
+    "row_security",
+];
+
+/// The output-changing settings of `s` as one canonical byte string.
+pub fn output_text(s: &Settings) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (k, v) in s.iter().filter(|(k, _)| OUTPUT_SETTINGS.contains(&k.as_str()) || k.contains('.')) {
+        out.extend_from_slice(k.as_bytes());
+        out.push(b'=');
+        out.extend_from_slice(v.as_bytes());
+        out.push(0);
+    }
+    out
+}
+
+/// A small number for each distinct set of output-changing settings, so keys carry 4 bytes instead of the text.
+/// Distinct sets are few (one per search_path/role/time zone combination in use); past `MAX_OUTPUTS` a new one
+/// gets no number and its requests bypass the cache and the batcher (correct, only slower).
+#[derive(Default)]
+pub struct Outputs {
+    ids: Mutex<HashMap<Box<[u8]>, u32>>,
+}
+
+const MAX_OUTPUTS: usize = 65_536;
+
+impl Outputs {
+    pub fn id(&self, s: &Settings) -> Option<u32> {
+        let text = output_text(s);
+        let mut ids = self.ids.lock();
+        if let Some(id) = ids.get(text.as_slice()) {
+            return Some(*id);
+        }
+        if ids.len() >= MAX_OUTPUTS {
+            return None;
+        }
+        let id = ids.len() as u32 + 1;
+        ids.insert(text.into_boxed_slice(), id);
+        Some(id)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -128,5 +185,15 @@ mod tests {
             ]
         );
         assert!(sync_statements(&wanted, &wanted).is_empty());
+    }
+
+    #[test]
+    fn only_output_changing_settings_tell_keys_apart() {
+        let o = Outputs::default();
+        let a: Settings = [("application_name".into(), "a".into()), ("timezone".into(), "SET TimeZone = 'UTC'".into())].into();
+        let b: Settings = [("application_name".into(), "b".into()), ("timezone".into(), "SET TimeZone = 'UTC'".into())].into();
+        let c: Settings = [("app.tenant".into(), "SET app.tenant = 7".into()), ("timezone".into(), "SET TimeZone = 'UTC'".into())].into();
+        assert_eq!(o.id(&a), o.id(&b));
+        assert_ne!(o.id(&a), o.id(&c), "custom settings feed row-level security policies");
     }
 }

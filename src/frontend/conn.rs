@@ -1,0 +1,79 @@
+//! The client's side of a session: its stream, the bytes read from it and not yet handled, parsing them into an
+//! `Input` (protocol/request.rs), and writes. The read buffer exists only while there is something in it: an
+//! idle client holds none.
+
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
+
+use crate::error::{Error, Result};
+use crate::net::Stream;
+use crate::protocol::request::Input;
+
+/// Space made for one read: a typical request or a good part of a large one.
+const READ_CHUNK: usize = 8 * 1024;
+
+pub struct ClientConn {
+    pub stream: Stream,
+    rbuf: BytesMut,
+    max_message: usize,
+    /// Allocations of the last input, reused by the next.
+    spare: Option<Input>,
+}
+
+impl ClientConn {
+    pub fn new(stream: Stream, rbuf: BytesMut, max_message: usize) -> ClientConn {
+        ClientConn { stream, rbuf, max_message, spare: None }
+    }
+
+    /// Every complete message received so far, parsed; `None` if there is not one yet. A message that breaks the
+    /// framing rules ends the connection (08P01).
+    pub fn input(&mut self) -> Result<Option<Input>> {
+        let reuse = self.spare.take().unwrap_or_default();
+        Input::take(&mut self.rbuf, self.max_message, reuse).map_err(|e| Error::Protocol(e.to_string()))
+    }
+
+    /// Hands an input's allocations back for the next one.
+    pub fn recycle(&mut self, mut input: Input) {
+        input.buf = bytes::Bytes::new();
+        self.spare = Some(input);
+    }
+
+    /// Bytes received and not yet handled (a partial message).
+    pub fn pending(&self) -> usize {
+        self.rbuf.len()
+    }
+
+    /// Puts `bytes` back in front of what was received, to be handled again (a request pgsurge re-runs).
+    pub fn unread(&mut self, bytes: &[u8]) {
+        let mut b = BytesMut::with_capacity(bytes.len() + self.rbuf.len());
+        b.extend_from_slice(bytes);
+        b.extend_from_slice(&self.rbuf);
+        self.rbuf = b;
+    }
+
+    /// Reads what the client sent next; 0 at end of stream. Cancel-safe: bytes read are never lost.
+    pub async fn read(&mut self) -> std::io::Result<usize> {
+        self.stream.read_lazy(&mut self.rbuf, READ_CHUNK).await
+    }
+
+    /// Gives the read buffer back when nothing is in it (a client between requests holds no buffer).
+    pub fn idle(&mut self) {
+        if self.rbuf.is_empty() && self.rbuf.capacity() > 0 {
+            self.rbuf = BytesMut::new();
+        }
+    }
+
+    pub async fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        self.stream.write_all(bytes).await?;
+        Ok(())
+    }
+
+    /// For the wire trace: the client's address.
+    pub fn peer(&self) -> Option<std::net::SocketAddr> {
+        self.stream.tcp().and_then(|t| t.peer_addr().ok())
+    }
+
+    pub fn into_stream(self) -> Stream {
+        self.stream
+    }
+}

@@ -1,0 +1,332 @@
+//! The relay between a client and the server connection it holds: checking one out (with the client's settings
+//! applied), the replies the client is owed (`expect.rs`), server frames passed back in order with pgsurge's own
+//! replies swallowed and its synthetic ones slipped in, and giving the connection back at ReadyForQuery idle.
+//! Client frames going the other way are in `forward.rs`.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::AsyncWriteExt;
+
+use super::conn::ClientConn;
+use super::expect::{Action, Expect, Expectations};
+use super::retry::Retry;
+use crate::backend::{Checkout, Pool, ReleaseState};
+use crate::cache::capture::Capture;
+use crate::cache::writes::Writes;
+use crate::cache::Cache;
+use crate::cancel::CancelSlot;
+use crate::error::{Error, Result};
+use crate::protocol::codes::*;
+use crate::protocol::frame::complete_len;
+use crate::protocol::message::put_statement_target;
+use crate::protocol::{encode, view};
+use crate::state::session::{PinChange, SessionState};
+use crate::state::{Analyses, Registry, Statement};
+
+/// The shared parts a client's session uses, handed to it at login.
+pub struct Parts {
+    pub pool: Arc<Pool>,
+    pub registry: Arc<Registry>,
+    pub analyses: Arc<Analyses>,
+    pub cache: Option<Arc<Cache>>,
+    pub batcher: Arc<crate::batch::Batcher>,
+    pub outputs: Arc<crate::state::settings::Outputs>,
+}
+
+impl Parts {
+    /// Counts a change in whether the session is pinned to its server connection.
+    pub fn pinned(&self, change: PinChange) {
+        match change {
+            PinChange::Pinned => {
+                self.pool.stats.pinned.fetch_add(1, Ordering::Relaxed);
+                self.pool.stats.pins_total.fetch_add(1, Ordering::Relaxed);
+            }
+            PinChange::Unpinned => {
+                self.pool.stats.pinned.fetch_sub(1, Ordering::Relaxed);
+            }
+            PinChange::None => {}
+        }
+    }
+}
+
+/// What forwarding reads and changes besides the relay itself.
+pub struct Ctx<'a> {
+    pub conn: &'a mut ClientConn,
+    pub state: &'a mut SessionState,
+    /// A cache fill in progress: the replies are copied into it.
+    pub fill: &'a mut Option<Capture>,
+    pub writes: &'a mut Writes,
+    pub parts: &'a Parts,
+}
+
+pub struct Relay {
+    pub server: Option<Checkout>,
+    /// Replies the client is still owed, in order.
+    pub expect: Expectations,
+    /// Extended-protocol messages forwarded since the last Sync: the server must stay ours.
+    pub unsynced: bool,
+    /// The unnamed statement last parsed, and the statement of the portal last bound (for its effects at Execute).
+    pub(super) unnamed: Option<Arc<Statement>>,
+    pub(super) portal: Option<Arc<Statement>>,
+    pub retry: Retry,
+    pub cancel: Arc<CancelSlot>,
+    /// The deadline of checkout waits, reused across them (see `Pool::checkout_for`).
+    wait_timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    /// `PGSURGE_LOG=pgsurge::wire=trace` was on when the session began.
+    pub(super) trace: bool,
+}
+
+impl Relay {
+    pub fn new(cancel: Arc<CancelSlot>) -> Relay {
+        Relay {
+            server: None,
+            expect: Expectations::default(),
+            unsynced: false,
+            unnamed: None,
+            portal: None,
+            retry: Retry::default(),
+            cancel,
+            wait_timer: None,
+            trace: tracing::enabled!(target: "pgsurge::wire", tracing::Level::TRACE),
+        }
+    }
+
+    /// Nothing owed, nothing half-sent: the server connection may go back.
+    pub fn quiet(&self) -> bool {
+        self.expect.is_empty() && !self.unsynced
+    }
+
+    /// Checks out a server connection and brings its session settings in line with the client's.
+    pub async fn acquire(
+        &mut self,
+        pool: &Arc<Pool>,
+        state: &SessionState,
+        fair: Option<&crate::limit::Key>,
+        wait: Duration,
+    ) -> Result<()> {
+        let mut co = match pool.try_checkout_now() {
+            Some(co) => co,
+            None => {
+                let now = tokio::time::Instant::now();
+                let _waiting = self.cancel.waiting(now);
+                let timer = self.wait_timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(Duration::ZERO))).as_mut();
+                tokio::select! {
+                    biased;
+                    r = pool.checkout_for(now, wait, fair, Some(timer)) => r?,
+                    _ = self.cancel.wait_cancelled() => return Err(Error::Canceled("user request")),
+                }
+            }
+        };
+        if let Err(t) = self.cancel.try_set(Some(co.conn_ref().cancel_target.clone())) {
+            self.cancel.set(t).await;
+        }
+        let sync = if Arc::ptr_eq(&state.wanted, &co.conn_ref().applied) {
+            vec![]
+        } else {
+            let sync = crate::state::settings::sync_statements(&state.wanted, &co.conn_ref().applied);
+            if sync.is_empty() {
+                co.conn().applied = state.wanted.clone(); // equal already: share, so the next checkout compares pointers
+            }
+            sync
+        };
+        if !sync.is_empty() {
+            // One Query per setting, pipelined in one write: a bad value fails alone and is reported back.
+            let mut out = BytesMut::new();
+            for (name, sql) in sync {
+                out.extend_from_slice(&encode::query(&sql));
+                self.expect.push(Expect::Setting { name, failed: false });
+            }
+            let conn = co.conn();
+            conn.send(&out).await?;
+            conn.applied = state.wanted.clone();
+        }
+        self.server = Some(co);
+        Ok(())
+    }
+
+    /// Reads the replies to pgsurge's own setting statements sent at checkout, so the connection is ready for a
+    /// statement pgsurge runs itself (a batch).
+    pub async fn settle(&mut self, state: &mut SessionState) -> Result<()> {
+        let co = self.server.as_mut().expect("acquired");
+        let conn = co.conn();
+        let (mut unprepared, mut done) = (vec![], vec![]);
+        while !self.expect.is_empty() {
+            let f = crate::batch::run::frame(conn).await?;
+            self.expect.on_server_frame(f[0], &mut unprepared, &mut done);
+            for e in done.drain(..) {
+                state.apply(e, &mut conn.applied);
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives the server connection back; a cancel being delivered to it finishes first.
+    pub async fn release(&mut self, state: ReleaseState) {
+        if let Some(mut co) = self.server.take() {
+            if self.cancel.try_set(None).is_err() {
+                self.cancel.set(None).await;
+            }
+            co.state = state;
+        }
+    }
+
+    /// The server connection died under this client: purge dead idle connections; the client gets 08006.
+    pub async fn server_lost(&mut self, pool: &Pool, fill: &mut Option<Capture>, err: Option<std::io::Error>) -> Error {
+        let reason = err.map(|e| e.to_string()).unwrap_or_else(|| "server closed the connection unexpectedly".into());
+        tracing::warn!(pool = %pool.key.database, reason, "server connection lost");
+        self.release(ReleaseState::Broken).await;
+        self.expect.clear();
+        *fill = None;
+        pool.purge_dead_idle();
+        Error::UpstreamLost(reason)
+    }
+
+    /// At session end: hand the server back clean, reset it, or (mid-query) cancel the query and close it.
+    pub async fn release_at_end(&mut self, state: &mut SessionState, parts: &Parts, session_mode: bool) {
+        let pinned = !state.pins.is_empty();
+        if pinned {
+            state.pins.clear();
+            parts.pinned(PinChange::Unpinned);
+        }
+        let Some(co) = self.server.as_ref() else { return };
+        let quiet = self.quiet() && co.conn_ref().rbuf.is_empty();
+        let end = if !quiet {
+            let target = co.conn_ref().cancel_target.clone();
+            tokio::spawn(async move {
+                let _ = crate::cancel::forward(&target).await;
+            });
+            ReleaseState::Broken
+        } else if state.status == TxStatus::Idle && !session_mode && !pinned {
+            ReleaseState::Clean
+        } else {
+            // A pinned session leaves LISTENs, temp tables, locks or cursors behind: DISCARD ALL clears them.
+            ReleaseState::NeedsReset { rollback: state.status != TxStatus::Idle, discard: session_mode || pinned }
+        };
+        self.release(end).await;
+    }
+
+    /// Forwards every complete server frame read so far, in one write; swallows replies to pgsurge's own
+    /// messages and slips in the replies it owes itself, in order. Gives the server back when the client is done
+    /// with it (transaction mode).
+    pub async fn on_server(&mut self, cx: &mut Ctx<'_>, transaction_mode: bool) -> Result<()> {
+        let co = self.server.as_mut().expect("reading a server we hold");
+        let conn = co.conn();
+        let mut at = 0;
+        let mut run_from = 0;
+        let mut out: Option<BytesMut> = None;
+        let mut due = vec![];
+        let mut unprepared = vec![];
+        let mut done = vec![];
+        while let Some(n) =
+            complete_len(&conn.rbuf[at..], crate::backend::server::MAX_SERVER_MESSAGE).map_err(|e| Error::UpstreamLost(e.to_string()))?
+        {
+            let tag = conn.rbuf[at];
+            let mut action = self.expect.on_server_frame(tag, &mut unprepared, &mut done);
+            let stale = if action == Action::Forward { self.retry.stale_plan(tag, &conn.rbuf[at..at + n], cx.state.status) } else { None };
+            if let Some(stmt) = stale {
+                // Close the stale statement (after the failed run's Sync, which the server already has); the
+                // request then goes again and is re-parsed on demand.
+                conn.prepared.pop(&stmt.id);
+                let mut close = BytesMut::new();
+                put_statement_target(&mut close, CLOSE, stmt.server_name.as_bytes());
+                close.extend_from_slice(&encode::flush());
+                conn.send(&close).await?;
+                self.expect.push(Expect::Close { swallow: true, closing: Some(stmt.server_name.clone()) });
+                action = Action::Swallow;
+            } else if tag == READY_FOR_QUERY && self.retry.swallow_rfq {
+                self.retry.swallow_rfq = false;
+                action = Action::Swallow;
+            }
+            for e in done.drain(..) {
+                cx.state.completed(e, &mut conn.applied);
+            }
+            match tag {
+                COMMAND_COMPLETE if action == Action::Forward => {
+                    cx.state.commit_seen |= conn.rbuf.get(at + 5..at + 11) == Some(b"COMMIT");
+                }
+                READY_FOR_QUERY if action == Action::Forward => {
+                    if let Some(s) = conn.rbuf.get(at + 5).copied().and_then(TxStatus::from_byte) {
+                        cx.state.ready(s, &mut conn.applied);
+                        if s == TxStatus::Idle {
+                            cx.parts.pool.stats.transactions.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                PARAMETER_STATUS if action == Action::Forward => {
+                    if let Some((k, v)) = view::parameter_status(&conn.rbuf[at + 5..at + n]) {
+                        cx.state.reported(&k, &v, &mut conn.applied);
+                    }
+                }
+                ERROR_RESPONSE if action == Action::Swallow => {
+                    let e = view::ErrorView::parse(&conn.rbuf[at + 5..at + n]).unwrap_or_default();
+                    tracing::warn!(code = %e.code, message = %e.message, "re-applying a client's session setting failed");
+                }
+                _ => {}
+            }
+            self.expect.take_due(&mut due);
+            if action == Action::Forward {
+                if let Some(c) = cx.fill.as_mut() {
+                    if c.frame(&conn.rbuf[at..at + n]) {
+                        if let Some(c) = cx.fill.take() {
+                            c.finish();
+                        }
+                    } else {
+                        for d in &due {
+                            c.synthetic(d);
+                        }
+                    }
+                }
+                if tag == READY_FOR_QUERY && cx.state.status == TxStatus::Idle {
+                    if let Some(cache) = &cx.parts.cache {
+                        cx.writes.visible(cache);
+                    }
+                }
+            }
+            if action == Action::Swallow || !due.is_empty() {
+                let o = out.get_or_insert_with(BytesMut::new);
+                let end = if action == Action::Swallow { at } else { at + n };
+                o.extend_from_slice(&conn.rbuf[run_from..end]);
+                for d in due.drain(..) {
+                    o.extend_from_slice(&d);
+                }
+                run_from = at + n;
+            }
+            at += n;
+        }
+        for id in unprepared {
+            conn.prepared.pop(&id);
+        }
+        conn.unclosed.extend(self.expect.take_unclosed());
+        if self.trace {
+            super::session::trace_chunk("server", &conn.rbuf[..at], cx.conn.peer(), conn.id, self.expect.len());
+        }
+        let written = match out.as_mut() {
+            Some(o) => {
+                o.extend_from_slice(&conn.rbuf[run_from..at]);
+                if !o.is_empty() {
+                    cx.conn.stream.write_all(o).await?;
+                }
+                o.len()
+            }
+            None if at > 0 => {
+                cx.conn.stream.write_all(&conn.rbuf[..at]).await?;
+                at
+            }
+            None => 0,
+        };
+        let pool = &cx.parts.pool;
+        pool.stats.bytes_to_client.fetch_add(written as u64, Ordering::Relaxed);
+        conn.rbuf.advance(at);
+        let drained = conn.rbuf.is_empty();
+        if let Some(again) = self.retry.pending.take() {
+            cx.conn.unread(&again);
+        }
+        if transaction_mode && drained && self.quiet() && cx.state.is_free() {
+            self.release(ReleaseState::Clean).await;
+        }
+        Ok(())
+    }
+}
