@@ -50,6 +50,8 @@ pub struct App {
     pub analyses: Arc<crate::state::Analyses>,
     /// Numbers for the distinct sets of output-changing settings (cache and batch keys).
     pub outputs: Arc<crate::state::settings::Outputs>,
+    /// Read buffers lent to clients while they have data.
+    pub buffers: Arc<crate::frontend::buffers::Buffers>,
     /// Pools created so far: each gets the next number.
     pool_ids: std::sync::atomic::AtomicU32,
     pub counters: Counters,
@@ -80,6 +82,7 @@ impl App {
             analyses: Default::default(),
             outputs: Default::default(),
             pool_ids: Default::default(),
+            buffers: Default::default(),
             counters: Counters::default(),
             shutdown: watch::channel(Shutdown::Running).0,
             ops: Default::default(),

@@ -7,8 +7,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 
-use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
 pub enum Stream {
@@ -70,27 +69,12 @@ impl Stream {
         }
     }
 
-    /// Reads into `buf`, making room for `chunk` bytes only once data has arrived (plain TCP: an idle connection
-    /// waits without a buffer). 0 means end of stream. Cancel-safe.
-    pub async fn read_lazy(&mut self, buf: &mut BytesMut, chunk: usize) -> io::Result<usize> {
-        let room = |buf: &mut BytesMut| {
-            if buf.capacity() - buf.len() < chunk / 2 {
-                buf.reserve(chunk);
-            }
-        };
+    /// Waits until a plain TCP stream has data (or its peer closed); other kinds return at once. Lets a reader
+    /// find a buffer only when there is something to put in it. Cancel-safe.
+    pub async fn readable(&self) -> io::Result<()> {
         match self {
-            Stream::Plain(tcp) => loop {
-                tcp.readable().await?;
-                room(buf);
-                match tcp.try_read_buf(buf) {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                    r => return r,
-                }
-            },
-            other => {
-                room(buf);
-                other.read_buf(buf).await
-            }
+            Stream::Plain(tcp) => tcp.readable().await,
+            _ => Ok(()),
         }
     }
 

@@ -41,12 +41,13 @@ pub struct CacheConfig {
 }
 
 impl CacheConfig {
-    pub fn build(file: &CacheSettings, flag: Option<bool>) -> Result<CacheConfig, String> {
+    /// `flag`: `--cache`; `ttl`: `--cache-ttl` (both win over the file).
+    pub fn build(file: &CacheSettings, flag: Option<bool>, ttl: Option<Dur>) -> Result<CacheConfig, String> {
         let c = CacheConfig {
             enabled: flag.or(file.enabled).unwrap_or(false),
             max_bytes: file.max_bytes.unwrap_or(256 << 20),
             max_entry_bytes: file.max_entry_bytes.unwrap_or(1 << 20),
-            default_ttl: file.default_ttl.map(|d| d.0).unwrap_or(Duration::from_secs(1)),
+            default_ttl: ttl.or(file.default_ttl).map(|d| d.0).unwrap_or(Duration::from_secs(1)),
             rules: file.rules.clone(),
         };
         if c.max_entry_bytes as u64 > c.max_bytes {

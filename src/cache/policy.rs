@@ -60,7 +60,7 @@ mod tests {
     use crate::config::Dur;
 
     fn cfg(rules: Vec<CacheRule>) -> CacheConfig {
-        CacheConfig::build(&CacheSettings { rules, ..Default::default() }, Some(true)).unwrap()
+        CacheConfig::build(&CacheSettings { rules, ..Default::default() }, Some(true), None).unwrap()
     }
 
     fn decide_sql(c: &CacheConfig, sql: &str) -> Option<Decision> {

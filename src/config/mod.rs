@@ -212,7 +212,7 @@ impl Config {
             return Err(bad("no users: give --upstream with a user and password, --auth-file, or [users] sections"));
         }
         let limits = crate::limit::LimitConfig::build(&s)?;
-        let cache = crate::cache::config::CacheConfig::build(&s.cache, s.cache_flag).map_err(bad)?;
+        let cache = crate::cache::config::CacheConfig::build(&s.cache, s.cache_flag, s.cache_ttl).map_err(bad)?;
         let batch = crate::cache::config::BatchConfig::build(&s.batch, s.batch_flag).map_err(bad)?;
         Ok(Config {
             limits,

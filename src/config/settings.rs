@@ -57,6 +57,10 @@ macro_rules! settings {
             #[arg(long = "cache", env = "PGSURGE_CACHE", num_args = 0..=1, default_missing_value = "true")]
             #[serde(skip)]
             pub cache_flag: Option<bool>,
+            /// How long a cached read may be served (same as `[cache] default_ttl`), e.g. 10s.
+            #[arg(long = "cache-ttl", env = "PGSURGE_CACHE_TTL")]
+            #[serde(skip)]
+            pub cache_ttl: Option<Dur>,
             /// `[batch]` table (file only; `--batch` below switches it on).
             #[arg(skip)]
             #[serde(default)]
@@ -84,6 +88,7 @@ macro_rules! settings {
                 if self.limits == Default::default() { self.limits = lower.limits; }
                 if self.cache == Default::default() { self.cache = lower.cache; }
                 if self.cache_flag.is_none() { self.cache_flag = lower.cache_flag; }
+                if self.cache_ttl.is_none() { self.cache_ttl = lower.cache_ttl; }
                 if self.batch == Default::default() { self.batch = lower.batch; }
                 if self.batch_flag.is_none() { self.batch_flag = lower.batch_flag; }
                 self

@@ -2,34 +2,40 @@
 //! `Input` (protocol/request.rs), and writes. The read buffer exists only while there is something in it: an
 //! idle client holds none.
 
-use bytes::BytesMut;
-use tokio::io::AsyncWriteExt;
+use std::sync::Arc;
 
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::buffers::{Buffers, CHUNK};
 use crate::error::{Error, Result};
 use crate::net::Stream;
+use crate::protocol::frame::frontend_len;
 use crate::protocol::request::Input;
-
-/// Space made for one read: a typical request or a good part of a large one.
-const READ_CHUNK: usize = 8 * 1024;
 
 pub struct ClientConn {
     pub stream: Stream,
     rbuf: BytesMut,
+    buffers: Arc<Buffers>,
     max_message: usize,
     /// Allocations of the last input, reused by the next.
     spare: Option<Input>,
 }
 
 impl ClientConn {
-    pub fn new(stream: Stream, rbuf: BytesMut, max_message: usize) -> ClientConn {
-        ClientConn { stream, rbuf, max_message, spare: None }
+    pub fn new(stream: Stream, rbuf: BytesMut, buffers: Arc<Buffers>, max_message: usize) -> ClientConn {
+        ClientConn { stream, rbuf, buffers, max_message, spare: None }
     }
 
     /// Every complete message received so far, parsed; `None` if there is not one yet. A message that breaks the
     /// framing rules ends the connection (08P01).
     pub fn input(&mut self) -> Result<Option<Input>> {
+        let protocol = |e: crate::protocol::frame::FrameError| Error::Protocol(e.to_string());
+        if frontend_len(&self.rbuf, self.max_message).map_err(protocol)?.is_none() {
+            return Ok(None);
+        }
         let reuse = self.spare.take().unwrap_or_default();
-        Input::take(&mut self.rbuf, self.max_message, reuse).map_err(|e| Error::Protocol(e.to_string()))
+        Input::take(&mut self.rbuf, self.max_message, reuse).map_err(protocol)
     }
 
     /// Hands an input's allocations back for the next one.
@@ -51,15 +57,24 @@ impl ClientConn {
         self.rbuf = b;
     }
 
-    /// Reads what the client sent next; 0 at end of stream. Cancel-safe: bytes read are never lost.
+    /// Reads what the client sent next; 0 at end of stream. A buffer is taken only once there is data.
+    /// Cancel-safe: bytes read are never lost.
     pub async fn read(&mut self) -> std::io::Result<usize> {
-        self.stream.read_lazy(&mut self.rbuf, READ_CHUNK).await
+        self.stream.readable().await?;
+        if self.rbuf.capacity() - self.rbuf.len() < CHUNK / 2 {
+            if self.rbuf.capacity() == 0 {
+                self.rbuf = self.buffers.take();
+            } else {
+                self.rbuf.reserve(CHUNK);
+            }
+        }
+        self.stream.read_buf(&mut self.rbuf).await
     }
 
     /// Gives the read buffer back when nothing is in it (a client between requests holds no buffer).
     pub fn idle(&mut self) {
         if self.rbuf.is_empty() && self.rbuf.capacity() > 0 {
-            self.rbuf = BytesMut::new();
+            self.buffers.give(std::mem::take(&mut self.rbuf));
         }
     }
 

@@ -93,7 +93,7 @@ async fn serve_client(app: Arc<App>, stream: TcpStream, addr: SocketAddr) {
     }
     let mode = app.pool_mode(&db);
     let max_message = app.config.load().max_message_size;
-    let conn = crate::frontend::conn::ClientConn::new(stream, rbuf, max_message);
+    let conn = crate::frontend::conn::ClientConn::new(stream, rbuf, app.buffers.clone(), max_message);
     let mut session = Session::new(
         app.parts(pool),
         app.config.clone(),

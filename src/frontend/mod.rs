@@ -2,6 +2,7 @@
 //! (`conn.rs`), the stages a request goes through (`session.rs`), local answers (`local.rs`), and the relay to
 //! the server connection (`relay.rs`, `forward.rs`, the owed-replies queue `expect.rs`, `retry.rs`).
 
+pub mod buffers;
 pub mod conn;
 pub mod expect;
 pub mod forward;
