@@ -197,19 +197,12 @@ impl App {
     /// name keys that only a restart applies.
     pub fn reload(&self, mut new: Config) -> Vec<String> {
         let old = self.config.load_full();
-        let mut notes = vec![];
-        let (old_rows, new_rows) = (crate::admin::settings_view::rows(&old), crate::admin::settings_view::rows(&new));
-        for ((key, before, _, live), (_, after, _, _)) in old_rows.iter().zip(&new_rows) {
-            if !live && before != after {
-                notes.push(format!("{key} changed in the file but needs a restart; the running value stays"));
-            }
-        }
-        (new.listen, new.admin_listen, new.workers, new.own_session, new.log_format) =
-            (old.listen.clone(), old.admin_listen.clone(), old.workers, old.own_session, old.log_format);
+        let unapplied = crate::config::reload::prepare(&old, &mut new);
+        let mut notes = unapplied.notes;
         self.limits.reload(&new.limits);
         for pool in self.pools() {
             let (Some(db), Some(user)) = (new.databases.get(&pool.key.database), new.users.get(&pool.key.user)) else { continue };
-            if old.databases.get(&pool.key.database).is_some_and(|o| (&o.host, o.port, &o.dbname) != (&db.host, db.port, &db.dbname)) {
+            if unapplied.moved.contains(&db.name) {
                 notes.push(format!("databases.{}: the upstream changed; its open pool keeps the old one until a restart", db.name));
             }
             pool.update_settings(pool_settings(&new, db, user));

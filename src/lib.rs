@@ -12,7 +12,6 @@ pub mod batch;
 pub mod cache;
 pub mod cancel;
 pub mod config;
-pub mod demo;
 pub mod error;
 pub mod frontend;
 pub mod limit;

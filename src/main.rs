@@ -1,6 +1,9 @@
 //! The pgsurge binary: parse flags, load config, start logging, its own session and the runtime, wire signals,
 //! call `run`.
 
+#[cfg(feature = "demo")]
+mod demo;
+
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -11,7 +14,7 @@ fn main() -> ExitCode {
     let cli = Settings::parse();
     // The demo brings its own Postgres and pgsurge: no --upstream, no config file.
     if let Some(Command::Demo(args)) = cli.command {
-        return pgsurge::demo::run(args);
+        return run_demo(args);
     }
     let config = match Config::load(cli.clone()) {
         Ok(c) => c,
@@ -53,6 +56,17 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+#[cfg(feature = "demo")]
+fn run_demo(args: pgsurge::config::DemoArgs) -> ExitCode {
+    demo::run(args)
+}
+
+#[cfg(not(feature = "demo"))]
+fn run_demo(_: pgsurge::config::DemoArgs) -> ExitCode {
+    eprintln!("pgsurge: this build has no demo (it was built without the `demo` feature)");
+    ExitCode::from(2)
 }
 
 /// `workers = 0` (the default): one worker on up to 2 cores, else half the cores. A sidecar shares its cores with

@@ -5,7 +5,6 @@ pub mod clients;
 pub mod console;
 pub mod http;
 pub mod metrics;
-pub mod settings_view;
 pub mod show;
 pub mod table;
 

@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use super::table::{null, Table};
 use crate::app::App;
 use crate::cancel::ClientState;
-use crate::config::{AuthMethod, PoolMode};
+use crate::config::AuthMethod;
 use crate::row;
 
 /// One SHOW command.
@@ -120,13 +120,6 @@ fn limits(app: &App) -> Table {
     Table { columns, rows: rows.into_iter().map(|r| r.into_iter().map(Some).collect()).collect() }
 }
 
-pub fn mode_name(m: PoolMode) -> &'static str {
-    match m {
-        PoolMode::Transaction => "transaction",
-        PoolMode::Session => "session",
-    }
-}
-
 fn time(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
@@ -187,7 +180,7 @@ fn pools(app: &App) -> Table {
         let waiting = p.stats.waiting.load(Ordering::Relaxed);
         let sv_idle = p.idle_count();
         let sv_active = p.stats.active.load(Ordering::Relaxed);
-        let mode = cfg.databases.get(&p.key.database).map(|d| mode_name(d.pool_mode)).unwrap_or("");
+        let mode = cfg.databases.get(&p.key.database).map(|d| d.pool_mode.name()).unwrap_or("");
         t.row(row![
             &p.key.database,
             &p.key.user,
@@ -357,7 +350,7 @@ fn databases(app: &App) -> Table {
             force_user,
             d.pool_size.into(),
             cfg.min_pool_size.min(d.pool_size).into(),
-            mode_name(d.pool_mode).into(),
+            d.pool_mode.name().into(),
             current.into(),
             (app.ops.is_paused(&d.name) as u8).into(),
             0.into(),
@@ -422,7 +415,7 @@ pub fn version(_: &App) -> Table {
 
 fn config(app: &App) -> Table {
     let mut t = Table::new(&["key", "value", "default", "changeable"]);
-    for (k, v, d, c) in super::settings_view::rows(&app.config.load()) {
+    for (k, v, d, c) in crate::config::keys::rows(&app.config.load()) {
         t.row(row![k, v, d, if c { "yes" } else { "no" }]);
     }
     t

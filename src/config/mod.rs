@@ -1,6 +1,8 @@
 //! Typed, validated configuration: flags > environment > file > defaults, resolved into databases and users.
 
 mod authfile;
+pub mod keys;
+pub mod reload;
 mod settings;
 mod upstream;
 
@@ -10,7 +12,7 @@ use std::path::Path;
 use std::time::Duration;
 
 pub use authfile::parse_auth_file;
-pub use settings::{Command, DatabaseSettings, Dur, Settings, UserSettings};
+pub use settings::{Command, DatabaseSettings, DemoArgs, Dur, Settings, UserSettings};
 pub use upstream::UpstreamUrl;
 
 use crate::auth::secret::Secret;
@@ -21,6 +23,15 @@ pub enum PoolMode {
     Transaction,
     /// The server connection is held for the whole client session.
     Session,
+}
+
+impl PoolMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            PoolMode::Transaction => "transaction",
+            PoolMode::Session => "session",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

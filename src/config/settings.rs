@@ -229,7 +229,21 @@ settings! {
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum Command {
     /// Show the five fixes on a throwaway database.
-    Demo(crate::demo::DemoArgs),
+    Demo(DemoArgs),
+}
+
+/// Flags of `pgsurge demo` (the demo itself lives with the binary, src/demo).
+#[derive(Debug, Clone, clap::Args)]
+pub struct DemoArgs {
+    /// Time per workload, split evenly between Postgres directly and pgsurge.
+    #[arg(long, default_value = "5s")]
+    pub duration: Dur,
+    /// Leave the cluster's directory behind (stopped) instead of removing it.
+    #[arg(long)]
+    pub keep: bool,
+    /// Print the results as JSON on stdout and exit, instead of the table and a running pgsurge.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `[databases.NAME]`: a client-visible database name mapped to an upstream.

@@ -225,7 +225,7 @@ where
     let settled = Instant::now() + Duration::from_secs(10);
     while Instant::now() < settled {
         match env.monitor.backends().await {
-            Ok(n) if n > crate::demo::proxy::POOL_SIZE as i64 => tokio::time::sleep(Duration::from_millis(50)).await,
+            Ok(n) if n > super::proxy::POOL_SIZE as i64 => tokio::time::sleep(Duration::from_millis(50)).await,
             _ => break,
         }
     }

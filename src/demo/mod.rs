@@ -16,25 +16,11 @@ use std::time::Duration;
 
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
-use crate::config::Dur;
 use cluster::Cluster;
 use measure::{Env, Target};
+use pgsurge::config::DemoArgs;
 use proxy::Proxy;
 use report::{ClusterInfo, Report, WorkloadResult};
-
-/// Flags of `pgsurge demo`.
-#[derive(Debug, Clone, clap::Args)]
-pub struct DemoArgs {
-    /// Time per workload, split evenly between Postgres directly and pgsurge.
-    #[arg(long, default_value = "5s")]
-    pub duration: Dur,
-    /// Leave the cluster's directory behind (stopped) instead of removing it.
-    #[arg(long)]
-    pub keep: bool,
-    /// Print the results as JSON on stdout and exit, instead of the table and a running pgsurge.
-    #[arg(long)]
-    pub json: bool,
-}
 
 /// The port pgsurge takes when it is free (the usual one), so the printed URL is the familiar one.
 const PREFERRED_PORT: u16 = 6432;
@@ -131,8 +117,8 @@ async fn demo(cluster: &Arc<Cluster>, args: &DemoArgs, proxy: &mut Option<Proxy>
     eprintln!("pgsurge demo: loading the sample schema (authors, books, orders: ~100k rows)");
     schema::load(cluster).await?;
     let monitor = Arc::new(schema::Monitor::new(cluster).await?);
-    let p = Proxy::start(cluster.port, if args.json { 0 } else { PREFERRED_PORT }).await?;
-    let (proxy_port, features) = (p.port, p.features);
+    let p = Proxy::start(cluster.port, if args.json { 0 } else { PREFERRED_PORT }, &cluster.dir).await?;
+    let (proxy_port, features, command) = (p.port, p.features.clone(), p.command.clone());
     *proxy = Some(p);
 
     let side_time = (args.duration.0 / 2).max(Duration::from_millis(200));
@@ -159,6 +145,7 @@ async fn demo(cluster: &Arc<Cluster>, args: &DemoArgs, proxy: &mut Option<Proxy>
         cache_enabled: features.cache,
         batch_enabled: features.batch,
         features,
+        command,
         pool_size: proxy::POOL_SIZE,
         flood_qps_limit: proxy::FLOOD_QPS,
         counting: monitor.counting,

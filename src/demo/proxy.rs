@@ -1,64 +1,86 @@
 //! pgsurge itself, started in this process in front of the demo cluster, as the tests' harness does.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use clap::Parser;
+use pgsurge::config::{Config, Settings};
+use pgsurge::App;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_postgres::SimpleQueryMessage;
 
 use super::schema::{APP, FLOOD};
-use crate::config::{Config, Dur, Settings, UserSettings};
-use crate::limit::RuleSettings;
-use crate::App;
 
 /// Server connections per (database, user) pool.
 pub const POOL_SIZE: usize = 10;
 /// Workload 5's limit on the flooding user.
 pub const FLOOD_QPS: u32 = 100;
 
-/// Which of pgsurge's fixes this demo's proxy runs with (shown in the report and the JSON).
-#[derive(Debug, Clone, Copy, serde::Serialize)]
+/// Which of pgsurge's fixes this demo's proxy runs with, read back from the configuration its flags produced.
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct Features {
-    pub pooling: bool,
     pub cache: bool,
     pub batch: bool,
-    pub rate_limits: bool,
+    /// Users with a query rate limit.
+    pub rate_limited_users: Vec<String>,
 }
 
 pub struct Proxy {
     pub app: Arc<App>,
     pub port: u16,
     pub features: Features,
+    /// The command line it runs with (as a user would type it).
+    pub command: String,
     task: JoinHandle<std::io::Result<()>>,
 }
 
 impl Proxy {
-    /// Listens on 127.0.0.1:`port` (0: any free port; a taken port falls back to any).
-    pub async fn start(pg_port: u16, port: u16) -> Result<Proxy, String> {
-        let mut s = Settings {
-            upstream: Some(format!("postgres://{APP}:{APP}@127.0.0.1:{pg_port}/{APP}")),
-            listen: Some("127.0.0.1:0".into()),
-            admin_listen: Some(String::new()),
-            pool_size: Some(POOL_SIZE),
-            admin_users: Some(APP.into()),
-            limit_max_delay: Some(Dur(Duration::from_millis(50))),
-            ..Default::default()
-        };
-        s.users.insert(FLOOD.into(), UserSettings { password: Some(FLOOD.into()), ..Default::default() });
-        s.limits.users.insert(FLOOD.into(), RuleSettings { qps: Some(FLOOD_QPS), burst: Some(10), ..Default::default() });
-        s.cache_flag = Some(true);
-        s.batch_flag = Some(true);
-        let config = Config::build(s).map_err(|e| e.to_string())?;
-        let features = Features { pooling: true, cache: config.cache.enabled, batch: config.batch.enabled, rate_limits: true };
+    /// Starts pgsurge in this process with its real command-line flags and a config file written to `dir`
+    /// (the flooding user and its rate limit); listens on 127.0.0.1:`port` (0: any free port; a taken port falls
+    /// back to any).
+    pub async fn start(pg_port: u16, port: u16, dir: &Path) -> Result<Proxy, String> {
+        let file = dir.join("pgsurge-demo.toml");
+        let toml = format!("[users.{FLOOD}]\npassword = \"{FLOOD}\"\n\n[limits.users.{FLOOD}]\nqps = {FLOOD_QPS}\nburst = 10\n");
+        std::fs::write(&file, toml).map_err(|e| format!("write {}: {e}", file.display()))?;
         let listener = match TcpListener::bind(("127.0.0.1", port)).await {
             Ok(l) => l,
             Err(_) => TcpListener::bind("127.0.0.1:0").await.map_err(|e| format!("bind pgsurge: {e}"))?,
         };
         let port = listener.local_addr().map_err(|e| e.to_string())?.port();
+        let upstream = format!("postgres://{APP}:{APP}@127.0.0.1:{pg_port}/{APP}");
+        let listen = format!("127.0.0.1:{port}");
+        let pool = POOL_SIZE.to_string();
+        let config_path = file.display().to_string();
+        let args = [
+            "pgsurge",
+            "--upstream",
+            &upstream,
+            "--listen",
+            &listen,
+            "--admin-listen",
+            "",
+            "--pool-size",
+            &pool,
+            "--cache",
+            "--batch",
+            "--admin-users",
+            APP,
+            "--limit-max-delay",
+            "50ms",
+            "--config",
+            &config_path,
+        ];
+        let settings = Settings::try_parse_from(args).map_err(|e| e.to_string())?;
+        let config = Config::load(settings).map_err(|e| e.to_string())?;
+        let rate_limited_users = config.limits.users.iter().filter(|(_, r)| r.qps.is_some()).map(|(u, _)| u.clone()).collect();
+        let features = Features { cache: config.cache.enabled, batch: config.batch.enabled, rate_limited_users };
+        let quote = |a: &&str| if a.is_empty() || a.contains(' ') { format!("'{a}'") } else { a.to_string() };
+        let command = args.iter().map(quote).collect::<Vec<_>>().join(" ");
         let app = App::new(config);
-        let task = tokio::spawn(crate::run(app.clone(), listener));
-        Ok(Proxy { app, port, features, task })
+        let task = tokio::spawn(pgsurge::run(app.clone(), listener));
+        Ok(Proxy { app, port, features, command, task })
     }
 
     pub fn url(&self, db: &str) -> String {

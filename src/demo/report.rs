@@ -34,6 +34,8 @@ pub struct Report {
     pub cache_enabled: bool,
     pub batch_enabled: bool,
     pub features: Features,
+    /// pgsurge's command line.
+    pub command: String,
     pub pool_size: usize,
     pub flood_qps_limit: u32,
     /// What `upstream_queries` counts.
@@ -48,16 +50,20 @@ pub struct Report {
 pub fn render(r: &Report) -> String {
     let mut out = String::new();
     let onoff = |b: bool| if b { "on" } else { "off" };
+    let limited = match r.features.rate_limited_users.as_slice() {
+        [] => "no rate limits".to_string(),
+        users => format!("{} qps on {}", r.flood_qps_limit, users.iter().map(|u| format!("`{u}`")).collect::<Vec<_>>().join(", ")),
+    };
     let _ = writeln!(
         out,
-        "\npgsurge {} in front of Postgres {} — pool of {} per user, cache {}, batching {}, rate limit on `flood` {} qps",
+        "\npgsurge {} in front of Postgres {} — pool of {} per user, cache {}, batching {}, {limited}",
         r.pgsurge_version,
         r.postgres_version,
         r.pool_size,
         onoff(r.cache_enabled),
         onoff(r.batch_enabled),
-        r.flood_qps_limit
     );
+    let _ = writeln!(out, "pgsurge ran as: {}", r.command);
     let counted = match r.counting {
         Counting::PgStatStatements => "statements Postgres executed (pg_stat_statements)",
         Counting::Transactions => "transactions Postgres ran (pg_stat_database; pg_stat_statements is not installed)",
@@ -113,7 +119,7 @@ pub fn render(r: &Report) -> String {
     let _ = writeln!(out, "\n{} (admin console):", r.nplusone.command);
     match &r.nplusone.error {
         Some(e) => {
-            let _ = writeln!(out, "    not available in this build — the console answered: {e}");
+            let _ = writeln!(out, "    the console answered with an error: {e}");
         }
         None if r.nplusone.rows.is_empty() => {
             let _ = writeln!(out, "    no N+1 pattern recorded");

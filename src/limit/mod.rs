@@ -420,30 +420,5 @@ impl Drop for Admission {
     }
 }
 
-/// The requests in a run of client frames that each take a query token: every Query and FunctionCall, and
-/// every extended-protocol run (Parse/Bind/…/Sync) that starts in it; a run already open (`unsynced`) was paid.
-pub fn count_requests(frames: &[u8], unsynced: bool) -> u32 {
-    use crate::protocol::codes::*;
-    let (mut n, mut open, mut pos) = (0, unsynced, 0);
-    while pos + 5 <= frames.len() {
-        let tag = frames[pos];
-        let len = u32::from_be_bytes([frames[pos + 1], frames[pos + 2], frames[pos + 3], frames[pos + 4]]) as usize;
-        match tag {
-            QUERY | FUNCTION_CALL => n += 1,
-            SYNC => {
-                n += u32::from(!open);
-                open = false;
-            }
-            PARSE | BIND | DESCRIBE | EXECUTE | CLOSE | FLUSH if !open => {
-                n += 1;
-                open = true;
-            }
-            _ => {}
-        }
-        pos += 1 + len.max(4);
-    }
-    n
-}
-
 #[cfg(test)]
 mod tests;

@@ -121,19 +121,3 @@ async fn a_reload_applies_new_rates_to_connected_clients_and_keeps_unchanged_buc
     l.reload(&LimitConfig::default());
     assert!(!a.is_active());
 }
-
-#[test]
-fn one_token_per_query_and_per_extended_run() {
-    use crate::protocol::codes::*;
-    let frame = |tag: u8| {
-        let mut v = vec![tag];
-        v.extend_from_slice(&4u32.to_be_bytes());
-        v
-    };
-    let run: Vec<u8> = [PARSE, BIND, DESCRIBE, EXECUTE, SYNC].iter().flat_map(|t| frame(*t)).collect();
-    assert_eq!(count_requests(&run, false), 1);
-    assert_eq!(count_requests(&run, true), 0, "continues a run already paid for");
-    let two: Vec<u8> = [run.clone(), frame(QUERY), run].concat();
-    assert_eq!(count_requests(&two, false), 3);
-    assert_eq!(count_requests(&frame(SYNC), false), 1);
-}

@@ -1,16 +1,27 @@
-//! The running configuration as (key, value, default, applies-on-reload) rows for SHOW CONFIG.
+//! Every configuration key as (key, value, default, applies-on-reload) rows: what SHOW CONFIG lists and what a
+//! reload compares.
 
 use std::time::Duration;
 
-use super::show::mode_name;
-use crate::config::{AuthMethod, Config, LogFormat};
+use super::{AuthMethod, Config, LogFormat};
 
 fn dur(d: Duration) -> String {
     humantime::format_duration(d).to_string()
 }
 
 /// Keys whose new value a reload cannot apply (they are reported, and the running value stays).
-pub const RESTART_KEYS: &[&str] = &["listen", "admin_listen", "workers", "own_session", "log_format"];
+pub const RESTART_KEYS: &[&str] = &[
+    "listen",
+    "admin_listen",
+    "workers",
+    "own_session",
+    "log_format",
+    "cache.enabled",
+    "cache.max_bytes",
+    "cache.max_entry_bytes",
+    "cache.default_ttl",
+    "cache.rules",
+];
 
 pub fn rows(c: &Config) -> Vec<(&'static str, String, &'static str, bool)> {
     let auth = match c.auth_type {
@@ -25,7 +36,7 @@ pub fn rows(c: &Config) -> Vec<(&'static str, String, &'static str, bool)> {
     let v: Vec<(&'static str, String, &'static str)> = vec![
         ("listen", c.listen.clone(), "127.0.0.1:6432"),
         ("admin_listen", c.admin_listen.clone().unwrap_or_default(), "127.0.0.1:9930"),
-        ("pool_mode", mode_name(c.pool_mode).into(), "transaction"),
+        ("pool_mode", c.pool_mode.name().into(), "transaction"),
         ("pool_size", c.pool_size.to_string(), "20"),
         ("min_pool_size", c.min_pool_size.to_string(), "0"),
         ("max_client_conn", c.max_client_conn.to_string(), "10000"),
@@ -45,9 +56,17 @@ pub fn rows(c: &Config) -> Vec<(&'static str, String, &'static str, bool)> {
         ("admin_users", c.admin_users.join(","), ""),
         ("stats_users", c.stats_users.join(","), ""),
         ("auth_user", c.auth_user.as_ref().map(|u| u.0.clone()).unwrap_or_default(), ""),
-        ("auth_query", c.auth_query.clone(), crate::config::DEFAULT_AUTH_QUERY),
+        ("auth_query", c.auth_query.clone(), super::DEFAULT_AUTH_QUERY),
         ("client_tls_mode", format!("{:?}", c.client_tls_mode).to_ascii_lowercase(), "disable (allow with a certificate)"),
         ("server_tls_mode", c.server_tls.mode.name().into(), "prefer"),
+        ("cache.enabled", c.cache.enabled.to_string(), "false"),
+        ("cache.max_bytes", c.cache.max_bytes.to_string(), "268435456"),
+        ("cache.max_entry_bytes", c.cache.max_entry_bytes.to_string(), "1048576"),
+        ("cache.default_ttl", dur(c.cache.default_ttl), "1s"),
+        ("cache.rules", c.cache.rules.len().to_string(), "0"),
+        ("batch.enabled", c.batch.enabled.to_string(), "false"),
+        ("batch.max_batch_size", c.batch.max_batch_size.to_string(), "500"),
+        ("batch.max_wait", dur(c.batch.max_wait), "0s"),
     ];
     v.into_iter().map(|(k, val, d)| (k, val, d, !RESTART_KEYS.contains(&k))).collect()
 }
