@@ -14,12 +14,11 @@ pub mod run;
 pub mod stage;
 pub mod wire;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
 
 /// Distinct statements whose counters are kept (SHOW BATCHES); past this new ones are not counted.
 const MAX_STATS: usize = 4096;
@@ -58,6 +57,9 @@ pub struct Pending {
 pub enum Role {
     /// Not batched: go the usual way.
     Pass,
+    /// Run alone, now; the ticket counts it as running until dropped, so lookups of the same statement that
+    /// arrive meanwhile merge into a batch behind it.
+    Alone(Ticket),
     /// Runs the batch; the guard gives the members "retry" if it is dropped before answering them.
     Leader(LeaderGuard, oneshot::Receiver<Outcome>),
     Follower(oneshot::Receiver<Outcome>),
@@ -75,38 +77,61 @@ pub struct ShapeStats {
     pub largest: u64,
 }
 
+/// One key's state: the batch collecting members, and how many batches or lone lookups of the key run on
+/// servers now.
+struct Slot {
+    key: Arc<BatchKey>,
+    pending: Option<Arc<Pending>>,
+    running: usize,
+    /// Woken when one of those running finishes.
+    done: Arc<Notify>,
+}
+
 #[derive(Default)]
 pub struct Batcher {
-    pending: Mutex<HashMap<Arc<BatchKey>, Arc<Pending>>>,
-    stats: Mutex<HashMap<Bytes, ShapeStats>>,
+    slots: Mutex<foldhash::HashMap<Arc<BatchKey>, Slot>>,
+    stats: Mutex<foldhash::HashMap<Bytes, ShapeStats>>,
     pub detect: detect::Reports,
 }
 
 impl Batcher {
-    /// Whether any batch is pending (a lookup with a free server and no batch to join passes without
-    /// building its key).
-    pub fn any_pending(&self) -> bool {
-        !self.pending.lock().is_empty()
-    }
-
-    /// Joins the pending batch for `key`, or starts one (as its leader) when the lookup would otherwise wait
-    /// (`must_wait`: no free server connection, or a `max_wait` window); else `Pass`.
-    pub fn join(self: &Arc<Self>, key: BatchKey, param: Option<Bytes>, max: usize, must_wait: bool) -> Role {
+    /// Where a lookup goes: into the batch of its key collecting members; else, when it may run at once
+    /// (`alone_ok`: a server is free and no wait window is set) and fewer than `depth` of its key run, alone;
+    /// else it starts a batch and leads it.
+    pub fn join(self: &Arc<Self>, key: BatchKey, param: Option<Bytes>, max: usize, alone_ok: bool, depth: usize) -> Role {
         let (tx, rx) = oneshot::channel();
-        let mut map = self.pending.lock();
-        if let Some(p) = map.get(&key) {
+        let mut slots = self.slots.lock();
+        if !slots.contains_key(&key) {
+            let key = Arc::new(key.clone());
+            slots.insert(key.clone(), Slot { key, pending: None, running: 0, done: Arc::new(Notify::new()) });
+        }
+        let Some(slot) = slots.get_mut(&key) else { return Role::Pass };
+        if let Some(p) = &slot.pending {
             let mut askers = p.askers.lock();
             if askers.len() < max {
                 askers.push(Asker { param, tx });
                 return Role::Follower(rx);
             }
-        } else if !must_wait {
-            return Role::Pass;
+        } else if slot.running < depth && alone_ok {
+            slot.running += 1;
+            return Role::Alone(Ticket { batcher: self.clone(), key: slot.key.clone() });
         }
-        let key = Arc::new(key);
+        // A new batch (replacing a full one, whose leader keeps it).
         let pending = Arc::new(Pending { askers: Mutex::new(vec![Asker { param, tx }]) });
-        map.insert(key.clone(), pending.clone());
-        Role::Leader(LeaderGuard { batcher: self.clone(), key, pending }, rx)
+        slot.pending = Some(pending.clone());
+        Role::Leader(LeaderGuard { batcher: self.clone(), key: slot.key.clone(), pending, turn: false }, rx)
+    }
+
+    /// One batch or lone lookup of `key` finished.
+    fn finish(&self, key: &BatchKey) {
+        let mut slots = self.slots.lock();
+        if let Some(slot) = slots.get_mut(key) {
+            slot.running = slot.running.saturating_sub(1);
+            slot.done.notify_waiters();
+            if slot.running == 0 && slot.pending.is_none() {
+                slots.remove(key);
+            }
+        }
     }
 
     pub fn count(&self, sql: &Bytes, f: impl FnOnce(&mut ShapeStats)) {
@@ -126,15 +151,61 @@ impl Batcher {
     }
 }
 
+/// A lookup running alone: counted as running until dropped.
+pub struct Ticket {
+    batcher: Arc<Batcher>,
+    key: Arc<BatchKey>,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.batcher.finish(&self.key);
+    }
+}
+
 /// Held by a batch's leader. Closing the batch takes its members; dropping the guard without answering them
 /// (the leader was cancelled, timed out, lost its server) tells every member to run alone.
 pub struct LeaderGuard {
     batcher: Arc<Batcher>,
     pub key: Arc<BatchKey>,
     pending: Arc<Pending>,
+    /// The batch counts as running (it took its turn).
+    turn: bool,
 }
 
 impl LeaderGuard {
+    /// Waits until fewer than `depth` batches or lone lookups of this key run, then counts this batch as running.
+    /// Members keep joining meanwhile. At `deadline` it runs anyway.
+    pub async fn turn(&mut self, depth: usize, deadline: tokio::time::Instant) {
+        loop {
+            let done = match self.try_turn(depth) {
+                Ok(()) => return,
+                Err(done) => done,
+            };
+            let notified = done.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.try_turn(depth).is_ok() {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                let _ = self.try_turn(usize::MAX);
+                return;
+            }
+        }
+    }
+
+    fn try_turn(&mut self, depth: usize) -> Result<(), Arc<Notify>> {
+        let mut slots = self.batcher.slots.lock();
+        let Some(slot) = slots.get_mut(&*self.key) else { return Ok(()) };
+        if slot.running < depth {
+            slot.running += 1;
+            self.turn = true;
+            return Ok(());
+        }
+        Err(slot.done.clone())
+    }
+
     /// Closes the batch to newcomers and takes its members (the leader first).
     pub fn close(&self) -> Vec<Asker> {
         self.unlist();
@@ -142,9 +213,14 @@ impl LeaderGuard {
     }
 
     fn unlist(&self) {
-        let mut map = self.batcher.pending.lock();
-        if map.get(&self.key).is_some_and(|p| Arc::ptr_eq(p, &self.pending)) {
-            map.remove(&self.key);
+        let mut slots = self.batcher.slots.lock();
+        if let Some(slot) = slots.get_mut(&*self.key) {
+            if slot.pending.as_ref().is_some_and(|p| Arc::ptr_eq(p, &self.pending)) {
+                slot.pending = None;
+            }
+            if slot.running == 0 && slot.pending.is_none() {
+                slots.remove(&*self.key);
+            }
         }
     }
 }
@@ -155,6 +231,9 @@ impl Drop for LeaderGuard {
         for a in std::mem::take(&mut *self.pending.askers.lock()) {
             let _ = a.tx.send(Outcome::Retry);
         }
+        if self.turn {
+            self.batcher.finish(&self.key);
+        }
     }
 }
 
@@ -162,7 +241,7 @@ impl Drop for LeaderGuard {
 /// Returns the distinct keys to send, and each member's position among them.
 pub fn distinct(askers: &[Asker]) -> (Vec<Option<Bytes>>, Vec<usize>) {
     let mut keys: Vec<Option<Bytes>> = Vec::with_capacity(askers.len());
-    let mut seen: HashMap<&Option<Bytes>, usize> = HashMap::with_capacity(askers.len());
+    let mut seen: foldhash::HashMap<&Option<Bytes>, usize> = Default::default();
     let mut at = Vec::with_capacity(askers.len());
     for a in askers {
         let i = *seen.entry(&a.param).or_insert_with(|| {
@@ -183,29 +262,54 @@ mod tests {
     }
 
     #[test]
-    fn a_lone_lookup_with_a_free_server_passes() {
+    fn a_lone_lookup_with_a_free_server_runs_alone_and_later_ones_batch_behind_it() {
         let b = Arc::new(Batcher::default());
-        assert!(matches!(b.join(key("q"), None, 10, false), Role::Pass));
+        let Role::Alone(t) = b.join(key("q"), None, 10, true, 1) else { panic!("runs alone") };
+        let Role::Leader(g, _rx) = b.join(key("q"), Some("1".into()), 10, true, 1) else { panic!("one is running: a batch starts") };
+        let Role::Follower(_f) = b.join(key("q"), Some("2".into()), 10, true, 1) else { panic!("and collects members") };
+        drop(t);
+        assert_eq!(g.close().len(), 2);
+        drop(g);
+        assert!(b.slots.lock().is_empty(), "nothing left behind");
+        let Role::Alone(_) = b.join(key("q"), None, 10, true, 1) else { panic!("alone again") };
     }
 
     #[test]
     fn lookups_that_would_wait_join_one_batch_until_it_is_full() {
         let b = Arc::new(Batcher::default());
-        let Role::Leader(g, _rx) = b.join(key("q"), Some("1".into()), 2, true) else { panic!() };
-        let Role::Follower(mut f) = b.join(key("q"), Some("2".into()), 2, false) else { panic!() };
+        let Role::Leader(g, _rx) = b.join(key("q"), Some("1".into()), 2, false, 1) else { panic!() };
+        let Role::Follower(mut f) = b.join(key("q"), Some("2".into()), 2, true, 1) else { panic!() };
         // full: the next one leads a new batch
-        let Role::Leader(g2, _) = b.join(key("q"), Some("3".into()), 2, true) else { panic!() };
+        let Role::Leader(g2, _) = b.join(key("q"), Some("3".into()), 2, false, 1) else { panic!() };
         assert_eq!(g.close().len(), 2);
         drop(g2);
         assert!(f.try_recv().is_err()); // still owed an answer by g's owner
-        assert!(matches!(b.join(key("q"), None, 2, false), Role::Pass));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_takes_its_turn_when_one_of_its_key_finishes() {
+        let b = Arc::new(Batcher::default());
+        let Role::Alone(t) = b.join(key("q"), None, 10, true, 1) else { panic!() };
+        let Role::Leader(mut g, _rx) = b.join(key("q"), None, 10, true, 1) else { panic!() };
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        let waiting = tokio::spawn(async move {
+            g.turn(1, deadline).await;
+            (tokio::time::Instant::now(), g)
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        let released = tokio::time::Instant::now();
+        drop(t);
+        let (at, g) = waiting.await.unwrap();
+        assert_eq!(at, released, "its turn came when the lone lookup finished");
+        drop(g);
+        assert!(b.slots.lock().is_empty());
     }
 
     #[test]
     fn a_dropped_leader_sends_its_members_to_retry() {
         let b = Arc::new(Batcher::default());
-        let Role::Leader(g, _) = b.join(key("q"), None, 10, true) else { panic!() };
-        let Role::Follower(mut f) = b.join(key("q"), None, 10, false) else { panic!() };
+        let Role::Leader(g, _) = b.join(key("q"), None, 10, false, 1) else { panic!() };
+        let Role::Follower(mut f) = b.join(key("q"), None, 10, false, 1) else { panic!() };
         drop(g);
         assert!(matches!(f.try_recv(), Ok(Outcome::Retry)));
     }

@@ -52,14 +52,10 @@ pub struct Ask<'a> {
     pub describe: bool,
 }
 
-/// Whether `ask` joins a batch: when it would wait for a server connection (or a `max_wait` window is set), or
-/// when a batch of its statement is already waiting; never for a statement a server said cannot be merged.
+/// Where `ask` goes (see `Batcher::join`): alone when a server is free and fewer than `concurrency` lookups or
+/// batches of its statement run; else into the batch collecting members. Never merged: a statement a server said
+/// cannot be, or a text-format key in an encoding where bytes could hide a quote.
 pub fn join(batcher: &Arc<Batcher>, cfg: &BatchConfig, ask: Ask<'_>) -> Role {
-    // The common uncontended case first: a free server and nothing to join means straight through.
-    let must_wait = !cfg.max_wait.is_zero() || !ask.pool.has_free_server();
-    if !must_wait && !batcher.any_pending() {
-        return Role::Pass;
-    }
     let Some(bind) = wire::lookup_bind(&ask.bind) else { return Role::Pass };
     if matches!(ask.facts.learned(), Learned::Never) || (bind.param_format == 0 && !encoding_is_safe(ask.settings)) {
         return Role::Pass;
@@ -73,7 +69,17 @@ pub fn join(batcher: &Arc<Batcher>, cfg: &BatchConfig, ask: Ask<'_>) -> Role {
         describe: ask.describe,
     };
     let param = bind.param.map(|p| ask.bind.slice_ref(p));
-    batcher.join(key, param, cfg.max_batch_size, must_wait)
+    let alone_ok = cfg.max_wait.is_zero() && ask.pool.has_free_server();
+    batcher.join(key, param, cfg.max_batch_size, alone_ok, concurrency(cfg, ask.pool))
+}
+
+/// Lookups or batches of one statement running at once: `[batch] concurrency`, or a quarter of the pool.
+pub fn concurrency(cfg: &BatchConfig, pool: &Pool) -> usize {
+    if cfg.concurrency > 0 {
+        cfg.concurrency
+    } else {
+        (pool.size() / 4).max(1)
+    }
 }
 
 /// On the server connection the leader holds (its settings already applied): learns the key's type if need be,

@@ -69,6 +69,7 @@ pub struct BatchSettings {
     pub enabled: Option<bool>,
     pub max_batch_size: Option<usize>,
     pub max_wait: Option<Dur>,
+    pub concurrency: Option<usize>,
 }
 
 /// The validated batcher configuration.
@@ -77,6 +78,8 @@ pub struct BatchConfig {
     pub enabled: bool,
     pub max_batch_size: usize,
     pub max_wait: Duration,
+    /// Lookups or batches of one statement running on servers at once (0: a quarter of the pool, at least 1).
+    pub concurrency: usize,
 }
 
 impl BatchConfig {
@@ -85,6 +88,7 @@ impl BatchConfig {
             enabled: flag.or(file.enabled).unwrap_or(false),
             max_batch_size: file.max_batch_size.unwrap_or(500),
             max_wait: file.max_wait.map(|d| d.0).unwrap_or(Duration::ZERO),
+            concurrency: file.concurrency.unwrap_or(0),
         };
         if c.max_batch_size < 2 {
             return Err("batch.max_batch_size must be at least 2".into());

@@ -85,7 +85,7 @@ pub struct Cache {
     pub config: CacheConfig,
     store: Store,
     pub generations: Generations,
-    inflight: Mutex<HashMap<Bytes, Arc<Notify>>>,
+    inflight: Mutex<foldhash::HashMap<Bytes, Arc<Notify>>>,
     pub stats: Arc<CacheStats>,
     statements: Mutex<HashMap<Bytes, Arc<StatementStats>>>,
     /// Per table name: has row-level security or is temporary (true) or neither (false), and when checked.
@@ -127,7 +127,7 @@ impl Cache {
             config,
             store,
             generations: Generations::default(),
-            inflight: Mutex::new(HashMap::new()),
+            inflight: Mutex::default(),
             stats,
             statements: Mutex::new(HashMap::new()),
             flags: Mutex::new(HashMap::new()),

@@ -2,9 +2,6 @@
 //! (they stay prepared on the servers for other clients), a lone Sync, Flushes with nothing pending; and the
 //! SQL commands about prepared statements it must track (`DEALLOCATE`, `DISCARD ALL`).
 
-use std::collections::HashMap;
-use std::sync::Arc;
-
 use bytes::{Bytes, BytesMut};
 
 use crate::backend::ServerConn;
@@ -12,11 +9,11 @@ use crate::protocol::codes::*;
 use crate::protocol::encode;
 use crate::protocol::message::{empty, View};
 use crate::protocol::request::{Input, Req};
-use crate::state::Statement;
+use crate::state::session::Statements;
 
 /// The answer to `[Close statement]... Sync` when every statement it closes is one of the client's named ones:
 /// CloseComplete for each, then ReadyForQuery (idle). `None` if one is not (the server must answer).
-pub fn close_sync(input: &Input, req: &Req, stmts: &mut HashMap<Bytes, Arc<Statement>>) -> Option<BytesMut> {
+pub fn close_sync(input: &Input, req: &Req, stmts: &mut Statements) -> Option<BytesMut> {
     let closes = &input.msgs[req.first..req.end - 1];
     let names = closes.iter().map(|m| match m.view {
         View::Target { kind: b'S', name } => Some(input.at(name)),
@@ -37,12 +34,7 @@ pub fn close_sync(input: &Input, req: &Req, stmts: &mut HashMap<Bytes, Arc<State
 /// Simple-query commands about prepared statements that pgsurge must see: `DEALLOCATE name` of a protocol-level
 /// statement is answered here (the reply is returned); `DEALLOCATE ALL` and `DISCARD ALL` also forget them (and go
 /// to the server).
-pub fn statement_commands(
-    sql: &[u8],
-    stmts: &mut HashMap<Bytes, Arc<Statement>>,
-    conn: &mut ServerConn,
-    status: TxStatus,
-) -> Option<Bytes> {
+pub fn statement_commands(sql: &[u8], stmts: &mut Statements, conn: &mut ServerConn, status: TxStatus) -> Option<Bytes> {
     // The hot path: nearly every query is neither; decide that without allocating.
     let head = sql.trim_ascii_start();
     if sql.len() > 64

@@ -16,8 +16,9 @@ use super::conn::ClientConn;
 use super::relay::{Ctx, Parts, Relay};
 use crate::app::Shutdown;
 use crate::backend::ReleaseState;
-use crate::batch::{detect::Tracker, stage as batching, Outcome, Role};
+use crate::batch::{detect::Tracker, stage as batching, LeaderGuard, Outcome, Role, Ticket};
 use crate::cache::capture::Capture;
+use crate::cache::config::BatchConfig;
 use crate::cache::writes::Writes;
 use crate::cache::{key, stage as caching};
 use crate::cancel::CancelSlot;
@@ -64,6 +65,8 @@ pub struct Session {
     writes: Writes,
     /// N+1 detection state (src/batch/detect.rs).
     nplus: Tracker,
+    /// A lookup running alone, counted so that lookups of its statement arriving meanwhile batch behind it.
+    ticket: Option<Ticket>,
     /// After a local error in an extended-protocol run: drop messages until Sync, as Postgres does.
     skipping: bool,
     wait_timeout: Duration,
@@ -110,6 +113,7 @@ impl Session {
             fill: None,
             writes: Writes::default(),
             nplus: Tracker::default(),
+            ticket: None,
             skipping: false,
             wait_timeout: cfg.query_wait_timeout,
             admission: None,
@@ -171,6 +175,9 @@ impl Session {
                     let tx = self.mode == PoolMode::Transaction;
                     let (relay, mut cx) = self.ctx();
                     relay.on_server(&mut cx, tx).await?;
+                    if self.relay.quiet() {
+                        self.ticket = None;
+                    }
                 }
                 Io::Server(r) => return Err(self.relay.server_lost(&self.parts.pool, &mut self.fill, r.err()).await),
                 Io::Shutdown => return Err(Error::Shutdown),
@@ -353,8 +360,8 @@ impl Session {
 
     /// The batcher's stop: a lookup that would wait for a server joins a batch.
     async fn batch(&mut self, input: &Input, req: &Req, l: Lookup, r: &Resolved, facts: Arc<LookupFacts>) -> Result<Done> {
-        let cfg = self.config.load();
-        if !cfg.batch.enabled || self.mode != PoolMode::Transaction {
+        let cfg = self.config.load().batch.clone();
+        if !cfg.enabled || self.mode != PoolMode::Transaction {
             return Ok(Done::Pass);
         }
         let Some(output) = self.state.output_id(&self.parts.outputs) else { return Ok(Done::Pass) };
@@ -368,47 +375,77 @@ impl Session {
             bind: input.buf.slice_ref(input.at(rest)),
             describe: l.describe,
         };
-        let max_wait = cfg.batch.max_wait;
-        match batching::join(&self.parts.batcher, &cfg.batch, ask) {
+        match batching::join(&self.parts.batcher, &cfg, ask) {
             Role::Pass => Ok(Done::Pass),
+            Role::Alone(ticket) => {
+                self.ticket = Some(ticket);
+                Ok(Done::Pass)
+            }
             Role::Follower(rx) => self.follow(input, req, rx, l, r).await,
-            Role::Leader(guard, rx) => {
-                if !max_wait.is_zero() {
-                    tokio::time::sleep(max_wait).await;
-                }
-                if let Err(e) = self.acquire().await {
-                    drop(guard);
-                    if e.severity() == Severity::Fatal {
-                        return Err(e);
-                    }
-                    self.fail(input, req, e).await?;
-                    return Ok(Done::Answered);
-                }
-                let parts = &self.parts;
-                let led = match self.relay.settle(&mut self.state).await {
-                    Ok(()) => {
-                        let conn = self.relay.server.as_mut().expect("acquired").conn();
-                        batching::lead(conn, &parts.registry, &parts.batcher, &guard, rx, &r.statement, &facts).await
-                    }
-                    Err(e) => Err(e),
-                };
-                drop(guard);
-                match led {
-                    Ok(Some((fetched, k))) => {
-                        self.parts.pool.stats.queries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        self.relay.release(ReleaseState::Clean).await;
-                        self.deliver(fetched.reply(k, r.parsed, l.describe), r).await
-                    }
-                    Ok(None) => Ok(Done::Pass),
-                    Err(e) => {
-                        // The server connection failed under the batch: give it up; this lookup retries alone.
-                        tracing::warn!(error = %e, "batch failed on its server connection; lookups run alone");
-                        self.relay.expect.clear();
-                        self.relay.release(ReleaseState::Broken).await;
-                        self.parts.pool.purge_dead_idle();
-                        Ok(Done::Pass)
-                    }
-                }
+            Role::Leader(guard, rx) => self.lead(input, req, guard, rx, l, r, &facts, &cfg).await,
+        }
+    }
+
+    /// A batch's leader: waits for its turn (members keep joining), checks out a server, runs the merged
+    /// statement and answers everyone; if that fails, each member runs alone (this one on the server it holds).
+    #[allow(clippy::too_many_arguments)]
+    async fn lead(
+        &mut self,
+        input: &Input,
+        req: &Req,
+        mut guard: LeaderGuard,
+        rx: oneshot::Receiver<Outcome>,
+        l: Lookup,
+        r: &Resolved,
+        facts: &LookupFacts,
+        cfg: &BatchConfig,
+    ) -> Result<Done> {
+        if !cfg.max_wait.is_zero() {
+            tokio::time::sleep(cfg.max_wait).await;
+        }
+        let depth = batching::concurrency(cfg, &self.parts.pool);
+        let slot = self.relay.cancel.clone();
+        let waiting = slot.waiting(Instant::now());
+        tokio::select! {
+            _ = guard.turn(depth, Instant::now() + self.wait_timeout) => {}
+            _ = slot.wait_cancelled() => {
+                drop((guard, waiting));
+                self.fail(input, req, Error::Canceled("user request")).await?;
+                return Ok(Done::Answered);
+            }
+        }
+        drop(waiting);
+        if let Err(e) = self.acquire().await {
+            drop(guard);
+            if e.severity() == Severity::Fatal {
+                return Err(e);
+            }
+            self.fail(input, req, e).await?;
+            return Ok(Done::Answered);
+        }
+        let parts = &self.parts;
+        let led = match self.relay.settle(&mut self.state).await {
+            Ok(()) => {
+                let conn = self.relay.server.as_mut().expect("acquired").conn();
+                batching::lead(conn, &parts.registry, &parts.batcher, &guard, rx, &r.statement, facts).await
+            }
+            Err(e) => Err(e),
+        };
+        drop(guard);
+        match led {
+            Ok(Some((fetched, k))) => {
+                self.parts.pool.stats.queries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.relay.release(ReleaseState::Clean).await;
+                self.deliver(fetched.reply(k, r.parsed, l.describe), r).await
+            }
+            Ok(None) => Ok(Done::Pass),
+            Err(e) => {
+                // The server connection failed under the batch: give it up; this lookup retries alone.
+                tracing::warn!(error = %e, "batch failed on its server connection; lookups run alone");
+                self.relay.expect.clear();
+                self.relay.release(ReleaseState::Broken).await;
+                self.parts.pool.purge_dead_idle();
+                Ok(Done::Pass)
             }
         }
     }

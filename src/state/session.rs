@@ -2,7 +2,7 @@
 //! its named statements, what pins it to a server, and its transaction status. The frontend changes it as
 //! replies complete; the cache and batcher read it for their keys.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -11,6 +11,9 @@ use super::settings::{self, Outputs, Settings};
 use super::statements::{Registry, Statement};
 use crate::protocol::codes::TxStatus;
 use crate::sql::session::{Effect, Pin};
+
+/// A client's named prepared statements, by the name it gave them.
+pub type Statements = std::collections::HashMap<Bytes, Arc<Statement>>;
 
 pub struct SessionState {
     /// Settings this client expects on whatever server it lands on. Shared (`Arc`) with every session of the pool
@@ -25,7 +28,7 @@ pub struct SessionState {
     /// Why this client must keep its server connection (LISTEN, temp tables, ...); empty: it need not.
     pub pins: HashSet<Pin>,
     /// Named prepared statements (client name -> shared statement).
-    pub stmts: HashMap<Bytes, Arc<Statement>>,
+    pub stmts: Statements,
     /// The last unnamed statement resolved: drivers repeat the same text, and a repeat costs one compare.
     unnamed: Option<Arc<Statement>>,
     pub status: TxStatus,
@@ -50,7 +53,7 @@ impl SessionState {
             startup,
             output: None,
             pins: HashSet::new(),
-            stmts: HashMap::new(),
+            stmts: Statements::default(),
             unnamed: None,
             status: TxStatus::Idle,
             staged: vec![],

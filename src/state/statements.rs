@@ -3,7 +3,6 @@
 //! about each — its session effects, its analysis, its N+1 shape and what a server taught us about it —
 //! computed once, so a repeated statement costs a pointer.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 
@@ -104,7 +103,7 @@ fn could_be_lookup(sql: &[u8]) -> bool {
 /// The process-wide statement registry. Entries die with the last client that uses them.
 #[derive(Default)]
 pub struct Registry {
-    map: Mutex<HashMap<(Bytes, Bytes), Weak<Statement>>>,
+    map: Mutex<std::collections::HashMap<(Bytes, Bytes), Weak<Statement>>>,
     next: AtomicU64,
 }
 

@@ -449,3 +449,33 @@ impl Observe for Proxy {
         self.app.ops.clients.snapshot().iter().filter(|c| c.state() == pgsurge::cancel::ClientState::Waiting).count()
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lookups_arriving_while_their_statement_runs_merge_behind_it_even_with_servers_free() {
+    let t = table().await;
+    let mut users = BTreeMap::new();
+    users.insert("app".to_string(), UserSettings { password: Some("app".into()), auth_type: Some("trust".into()), pool_size: None });
+    // 20 server connections for 16 clients: nobody ever waits for one; at most 20 / 4 = 5 of the statement run at once.
+    let p = Proxy::start(Settings { users, pool_size: Some(20), batch_flag: Some(true), ..Default::default() }).await;
+    let tasks: Vec<_> = (0..16)
+        .map(|c| {
+            let (url, t) = (url(&p), t.clone());
+            tokio::spawn(async move {
+                let client = connect(&url).await;
+                let stmt = client.prepare(&format!("SELECT val FROM {t} WHERE id = $1")).await.unwrap();
+                for i in 0..50 {
+                    let id = 1 + (c * 50 + i) % 300;
+                    let row = client.query_one(&stmt, &[&id]).await.unwrap();
+                    assert_eq!(row.get::<_, String>(0), format!("v{id}"));
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let stats = p.app.batch.stats();
+    let (batches, lookups): (u64, u64) = stats.iter().fold((0, 0), |(b, l), s| (b + s.1.batches, l + s.1.lookups));
+    assert!(batches > 0 && lookups > 2 * batches, "800 lookups: {lookups} merged into {batches} statements: {stats:?}");
+    assert!(p.app.pools()[0].stats.active.load(std::sync::atomic::Ordering::Relaxed) == 0);
+}
