@@ -29,7 +29,7 @@ const MAX_STATS: usize = 4096;
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct BatchKey {
     pub pool: u32,
-    pub output: u32,
+    pub output: u64,
     pub statement: u64,
     pub param_format: i16,
     pub result_formats: Bytes,
@@ -197,7 +197,8 @@ impl LeaderGuard {
 
     fn try_turn(&mut self, depth: usize) -> Result<(), Arc<Notify>> {
         let mut slots = self.batcher.slots.lock();
-        let Some(slot) = slots.get_mut(&*self.key) else { return Ok(()) };
+        let key = self.key.clone();
+        let slot = slots.entry(key.clone()).or_insert_with(|| Slot { key, pending: None, running: 0, done: Arc::new(Notify::new()) });
         if slot.running < depth {
             slot.running += 1;
             self.turn = true;

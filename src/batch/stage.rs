@@ -45,7 +45,7 @@ pub struct Ask<'a> {
     pub facts: &'a LookupFacts,
     pub pool: &'a Pool,
     /// The session's output-changing settings (`state::settings::Outputs`).
-    pub output: u32,
+    pub output: u64,
     pub settings: &'a Settings,
     /// The Bind after its statement name (formats, the one value, result formats), as a slice of the input.
     pub bind: Bytes,
@@ -65,10 +65,11 @@ pub fn join(batcher: &Arc<Batcher>, cfg: &BatchConfig, ask: Ask<'_>) -> Role {
         output: ask.output,
         statement: ask.statement.id,
         param_format: bind.param_format,
-        result_formats: ask.bind.slice_ref(bind.result_formats),
+        // Copies, not slices: a key lives as long as its batch, and a slice would keep the whole read buffer.
+        result_formats: Bytes::copy_from_slice(bind.result_formats),
         describe: ask.describe,
     };
-    let param = bind.param.map(|p| ask.bind.slice_ref(p));
+    let param = bind.param.map(Bytes::copy_from_slice);
     let alone_ok = cfg.max_wait.is_zero() && ask.pool.has_free_server();
     batcher.join(key, param, cfg.max_batch_size, alone_ok, concurrency(cfg, ask.pool))
 }

@@ -14,6 +14,8 @@ pub struct CacheSettings {
     pub max_bytes: Option<u64>,
     pub max_entry_bytes: Option<usize>,
     pub default_ttl: Option<Dur>,
+    pub notify: Option<bool>,
+    pub notify_channel: Option<String>,
     #[serde(default)]
     pub rules: Vec<CacheRule>,
 }
@@ -37,19 +39,43 @@ pub struct CacheConfig {
     pub max_bytes: u64,
     pub max_entry_bytes: usize,
     pub default_ttl: Duration,
+    /// Share invalidations with other instances through Postgres NOTIFY on `notify_channel`.
+    pub notify: bool,
+    pub notify_channel: String,
     pub rules: Vec<CacheRule>,
 }
 
+/// The flags beside the `[cache]` table.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CacheFlags {
+    /// `--cache`
+    pub enabled: Option<bool>,
+    /// `--cache-ttl`
+    pub ttl: Option<Dur>,
+    /// `--cache-notify`
+    pub notify: Option<bool>,
+}
+
 impl CacheConfig {
-    /// `flag`: `--cache`; `ttl`: `--cache-ttl` (both win over the file).
-    pub fn build(file: &CacheSettings, flag: Option<bool>, ttl: Option<Dur>) -> Result<CacheConfig, String> {
+    /// Flags win over the file.
+    pub fn build(file: &CacheSettings, flags: CacheFlags) -> Result<CacheConfig, String> {
         let c = CacheConfig {
-            enabled: flag.or(file.enabled).unwrap_or(false),
+            enabled: flags.enabled.or(file.enabled).unwrap_or(false),
             max_bytes: file.max_bytes.unwrap_or(256 << 20),
             max_entry_bytes: file.max_entry_bytes.unwrap_or(1 << 20),
-            default_ttl: ttl.or(file.default_ttl).map(|d| d.0).unwrap_or(Duration::from_secs(1)),
+            default_ttl: flags.ttl.or(file.default_ttl).map(|d| d.0).unwrap_or(Duration::from_secs(1)),
+            notify: flags.notify.or(file.notify).unwrap_or(false),
+            notify_channel: file.notify_channel.clone().unwrap_or_else(|| "pgsurge_invalidate".into()),
             rules: file.rules.clone(),
         };
+        if c.notify && !c.enabled {
+            return Err("cache.notify (--cache-notify) needs the cache on (--cache)".into());
+        }
+        let ch = &c.notify_channel;
+        let valid = !ch.is_empty() && ch.len() < 64 && ch.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        if !valid || ch.as_bytes()[0].is_ascii_digit() {
+            return Err(format!("cache.notify_channel {ch:?}: lower-case letters, digits and _, at most 63, not starting with a digit"));
+        }
         if c.max_entry_bytes as u64 > c.max_bytes {
             return Err("cache.max_entry_bytes is larger than cache.max_bytes".into());
         }

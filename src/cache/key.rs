@@ -4,10 +4,13 @@
 //! role (as the number `state::settings::Outputs` gives them), and either the full statement text (simple
 //! protocol) or the statement's registry id — which stands for its full text and parameter type OIDs, and is
 //! never reused — with whether the request had a Parse and a Describe, and the Bind's parameter formats, values
-//! and result formats as sent.
+//! and result formats as sent. Also the canonical key values row-precise invalidation compares (`row_keys`).
+
+use crate::protocol::message::{bind_param, param_type};
+use crate::sql::pins::{canonical_binary, canonical_text, KeyRef};
 
 /// The key of a simple Query.
-pub fn simple<'a>(buf: &'a mut Vec<u8>, pool: u32, output: u32, sql: &[u8]) -> &'a [u8] {
+pub fn simple<'a>(buf: &'a mut Vec<u8>, pool: u32, output: u64, sql: &[u8]) -> &'a [u8] {
     buf.clear();
     buf.push(b'Q');
     buf.extend_from_slice(&pool.to_le_bytes());
@@ -17,7 +20,7 @@ pub fn simple<'a>(buf: &'a mut Vec<u8>, pool: u32, output: u32, sql: &[u8]) -> &
 }
 
 /// The key of an extended-protocol lookup of statement `statement`.
-pub fn extended<'a>(buf: &'a mut Vec<u8>, pool: u32, output: u32, statement: u64, parse: bool, describe: bool, bind: &[u8]) -> &'a [u8] {
+pub fn extended<'a>(buf: &'a mut Vec<u8>, pool: u32, output: u64, statement: u64, parse: bool, describe: bool, bind: &[u8]) -> &'a [u8] {
     buf.clear();
     buf.push(b'E');
     buf.extend_from_slice(&pool.to_le_bytes());
@@ -28,9 +31,36 @@ pub fn extended<'a>(buf: &'a mut Vec<u8>, pool: u32, output: u32, statement: u64
     buf
 }
 
+/// The canonical values of a pinned statement's keys (`sql::pins`), from its literals and, for `$n`, the Bind
+/// (`bind`: the body after the statement name) with the declared parameter types of its Parse (`types`).
+/// `None` unless every key has a strict form: then the statement is not row-precise.
+pub fn row_keys(keys: &[KeyRef], bind: Option<&[u8]>, types: &[u8]) -> Option<Vec<String>> {
+    keys.iter()
+        .map(|k| match k {
+            KeyRef::Literal(text) => canonical_text(text.as_bytes()),
+            KeyRef::Param(i) => match bind_param(bind?, *i)? {
+                (0, Some(v)) => canonical_text(v),
+                (1, Some(v)) => canonical_binary(v, param_type(types, *i)),
+                _ => None,
+            },
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn row_keys_come_from_literals_and_parameters_in_strict_forms_only() {
+        let bind = b"\0\x02\0\0\0\x01\0\x02\0\0\0\x0242\0\0\0\x04\0\0\0\x07\0\0";
+        let types = [0, 2, 0, 0, 0, 0, 0, 0, 0, 23];
+        let keys = [KeyRef::Param(0), KeyRef::Param(1), KeyRef::Literal("9".into())];
+        assert_eq!(row_keys(&keys, Some(bind), &types), Some(vec!["42".into(), "7".into(), "9".into()]));
+        assert_eq!(row_keys(&keys, Some(bind), &[0, 0]), None, "binary of an undeclared type");
+        assert_eq!(row_keys(&[KeyRef::Literal("007".into())], None, &[]), None);
+        assert_eq!(row_keys(&[KeyRef::Param(0)], None, &[]), None);
+    }
 
     #[test]
     fn everything_that_changes_a_result_changes_the_key() {

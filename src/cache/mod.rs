@@ -6,7 +6,9 @@
 pub mod capture;
 pub mod config;
 pub mod deps;
+pub mod invalidation;
 pub mod key;
+pub mod notify;
 pub mod policy;
 pub mod stage;
 pub mod writes;
@@ -22,7 +24,8 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use config::CacheConfig;
-use deps::{Deps, Generations};
+use deps::{Dep, Deps, Generations};
+use invalidation::Invalidation;
 
 /// The exact bytes Postgres sent for one request, and what they depend on.
 #[derive(Debug)]
@@ -83,6 +86,8 @@ type Store = quick_cache::sync::Cache<Bytes, Arc<Entry>, Weigher, quick_cache::D
 
 pub struct Cache {
     pub config: CacheConfig,
+    /// Invalidations shared with other instances through Postgres (`[cache] notify`).
+    pub notifier: Option<notify::Notifier>,
     store: Store,
     pub generations: Generations,
     inflight: Mutex<foldhash::HashMap<Bytes, Arc<Notify>>>,
@@ -124,6 +129,7 @@ impl Cache {
         let items = (config.max_bytes / 1024).clamp(1024, 1 << 22) as usize;
         let store = Store::with(items, config.max_bytes, Weigher, quick_cache::DefaultHashBuilder::default(), Evictions(stats.clone()));
         Cache {
+            notifier: config.notify.then(|| notify::Notifier::new(config.notify_channel.clone())),
             config,
             store,
             generations: Generations::default(),
@@ -135,12 +141,14 @@ impl Cache {
     }
 
     /// The valid entry under `key`, if any: nothing it read was written since, its TTL has not run out, and (read
-    /// your writes) `wrote_since` says this session wrote none of its tables after it was filled.
-    pub fn get(&self, key: &[u8], wrote_since: impl Fn(&str, Instant) -> bool) -> Option<Arc<Entry>> {
+    /// your writes) `wrote_since` says this session wrote nothing it read after it was filled.
+    pub fn get(&self, key: &[u8], wrote_since: impl Fn(&Dep, Instant) -> bool) -> Option<Arc<Entry>> {
+        if self.blind() {
+            return None;
+        }
         let e = self.store.get(key)?;
-        let fresh = Instant::now() < e.expires
-            && self.generations.current(&e.deps)
-            && !e.deps.tables.iter().any(|(t, _)| wrote_since(&t.name, e.filled_at));
+        let fresh =
+            Instant::now() < e.expires && self.generations.current(&e.deps) && !e.deps.reads.iter().any(|d| wrote_since(d, e.filled_at));
         if fresh {
             self.stats.hits.fetch_add(1, Ordering::Relaxed);
             e.stats.hits.fetch_add(1, Ordering::Relaxed);
@@ -152,7 +160,7 @@ impl Cache {
     }
 
     /// Looks `key` up; on a miss, either hands out the right to fill it or the notification to wait for.
-    pub fn lookup(&self, key: &[u8], sql: &[u8], wrote_since: impl Fn(&str, Instant) -> bool) -> Lookup {
+    pub fn lookup(&self, key: &[u8], sql: &[u8], wrote_since: impl Fn(&Dep, Instant) -> bool) -> Lookup {
         if let Some(e) = self.get(key, wrote_since) {
             return Lookup::Hit(e);
         }
@@ -168,6 +176,12 @@ impl Cache {
         let stats = self.statement(sql);
         stats.misses.fetch_add(1, Ordering::Relaxed);
         Lookup::Fill(FillGuard { key, stats })
+    }
+
+    /// Whether invalidations from other instances may be missing now (their listener is down): nothing is answered
+    /// or stored then.
+    pub fn blind(&self) -> bool {
+        self.notifier.as_ref().is_some_and(|n| n.blind())
     }
 
     /// Whether someone is filling `key` now.
@@ -193,7 +207,7 @@ impl Cache {
             self.stats.too_big.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        if !self.generations.current(&entry.deps) {
+        if !self.generations.current(&entry.deps) || self.blind() {
             return;
         }
         self.stats.stores.fetch_add(1, Ordering::Relaxed);
@@ -207,10 +221,19 @@ impl Cache {
         }
     }
 
-    /// A write to `tables` through pgsurge: every entry that read them is void from now on.
-    pub fn bump<S: AsRef<str>>(&self, tables: &[S]) {
-        let n = self.generations.bump(tables);
-        self.stats.invalidations.fetch_add(n as u64, Ordering::Relaxed);
+    /// A write pgsurge forwarded or heard of: what it touched is void from now on.
+    pub fn apply(&self, inv: &Invalidation) {
+        match inv {
+            Invalidation::Flush => self.flush(),
+            Invalidation::Tables(t) => {
+                let n = self.generations.bump_tables(t);
+                self.stats.invalidations.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Invalidation::Rows { table, column, keys } => {
+                self.generations.bump_rows(table, column, keys);
+                self.stats.invalidations.fetch_add(1, Ordering::Relaxed);
+            }
+        }
     }
 
     /// DDL, privileges, roles: everything is void.

@@ -60,7 +60,11 @@ mod tests {
     use crate::config::Dur;
 
     fn cfg(rules: Vec<CacheRule>) -> CacheConfig {
-        CacheConfig::build(&CacheSettings { rules, ..Default::default() }, Some(true), None).unwrap()
+        CacheConfig::build(
+            &CacheSettings { rules, ..Default::default() },
+            crate::cache::config::CacheFlags { enabled: Some(true), ..Default::default() },
+        )
+        .unwrap()
     }
 
     fn decide_sql(c: &CacheConfig, sql: &str) -> Option<Decision> {

@@ -6,6 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::capture::Capture;
+use super::deps::Point;
+use super::key::row_keys;
 use super::writes::Writes;
 use super::{policy, Cache, Entry, Lookup};
 use crate::backend::{Pool, ReleaseState};
@@ -20,25 +22,34 @@ pub enum Outcome {
     Pass,
 }
 
-/// After a miss of `key`: whether the request may be cached and who fills it. `analysis` is the statement's.
-pub async fn miss(
-    cache: &Arc<Cache>,
-    pool: &Arc<Pool>,
-    wait: Duration,
-    key: &[u8],
-    sql: &[u8],
-    analysis: &Analysis,
-    writes: &Writes,
-) -> Result<Outcome> {
-    let Some(decision) = policy::decide(&cache.config, sql, analysis) else { return Ok(Outcome::Pass) };
+/// The request a miss is about.
+pub struct Miss<'a> {
+    pub key: &'a [u8],
+    pub sql: &'a [u8],
+    pub analysis: &'a Analysis,
+    /// The Bind after its statement name, and the statement's declared parameter types (extended protocol).
+    pub bind: Option<&'a [u8]>,
+    pub types: &'a [u8],
+}
+
+/// After a miss of `m.key`: whether the request may be cached and who fills it.
+pub async fn miss(cache: &Arc<Cache>, pool: &Arc<Pool>, wait: Duration, m: &Miss<'_>, writes: &Writes) -> Result<Outcome> {
+    if cache.blind() {
+        return Ok(Outcome::Pass);
+    }
+    let Some(decision) = policy::decide(&cache.config, m.sql, m.analysis) else { return Ok(Outcome::Pass) };
     if !decision.opted_in && flagged(cache, pool, wait, &decision.tables).await? {
         return Ok(Outcome::Pass);
     }
+    // A point read depends on its one row, when its key has a strict form.
+    let point = m.analysis.point_read.as_ref().and_then(|p| Some((p, row_keys(&p.keys, m.bind, m.types)?)));
+    let point = point.as_ref().map(|(p, k)| Point { table: &p.table, column: &p.column, key: &k[0] });
+    let (key, sql) = (m.key, m.sql);
     loop {
-        match cache.lookup(key, sql, |t, at| writes.wrote_since(t, at)) {
+        match cache.lookup(key, sql, |d, at| writes.wrote_since(d, at)) {
             Lookup::Hit(e) => return Ok(Outcome::Hit(e)),
             Lookup::Fill(fill) => {
-                let deps = cache.generations.snapshot(&decision.tables);
+                let deps = cache.generations.snapshot(&decision.tables, point);
                 return Ok(Outcome::Fill(Capture::new(cache.clone(), fill, deps, decision.ttl)));
             }
             Lookup::Wait(notify) => {
@@ -60,7 +71,13 @@ async fn flagged(cache: &Cache, pool: &Arc<Pool>, wait: Duration, tables: &[Stri
     if let Some(f) = cache.flagged(tables) {
         return Ok(f);
     }
-    let mut co = pool.checkout(wait).await?;
+    let mut co = match pool.checkout(wait).await {
+        Ok(co) => co,
+        Err(e) => {
+            tracing::debug!(error = %e, "no server for the row-level security lookup; not caching");
+            return Ok(true);
+        }
+    };
     match co.conn().simple_rows(&super::flags_sql(tables)).await {
         Ok(rows) => {
             co.state = ReleaseState::Clean;

@@ -1,28 +1,36 @@
-//! Writes seen on one session: a statement that writes voids the cache entries of the tables it touches when it
-//! is sent and again when its transaction ends (other sessions may have filled entries from the old rows in
-//! between); DDL, privileges and anything opaque void everything; and the session never reads an entry filled
-//! before its own write to one of its tables (read-your-writes).
+//! Writes seen on one session: a statement that writes voids the cache entries it touched when it is sent and
+//! again when its transaction ends (other sessions may have filled entries from the old rows in between) — only
+//! the point entries of the keys it names when its text pins its rows (`sql::pins`), else its whole tables; DDL,
+//! privileges and anything opaque void everything. The session never reads an entry filled before its own write
+//! to one of its tables (read-your-writes). What each write voided is returned, for other instances.
 
 use std::collections::HashMap;
 
 use tokio::time::Instant;
 
-use super::deps::bare;
+use super::deps::{bare, Dep};
+use super::invalidation::Invalidation;
 use super::Cache;
 use crate::sql::{Analysis, StatementClass};
 
 #[derive(Default)]
 pub struct Writes {
-    /// Tables (bare names) this session wrote, and when.
-    wrote: HashMap<String, Instant>,
-    /// Tables written (or a flush owed) by the current transaction: voided again when it ends.
-    tx_tables: Vec<String>,
-    tx_flush: bool,
+    /// Tables (bare names) this session wrote without pinning its rows, and when.
+    tables: HashMap<String, Instant>,
+    /// Row slots (`deps::Generations::slot`) of the keys it wrote, and when; and, per table, its latest such write.
+    rows: HashMap<usize, Instant>,
+    rows_latest: HashMap<String, Instant>,
+    /// What the current transaction voided: voided again when it ends.
+    tx: Vec<Invalidation>,
 }
 
+/// Row writes remembered per session; past this they count as whole-table writes.
+const MAX_ROWS: usize = 4096;
+
 impl Writes {
-    /// Before a statement goes upstream.
-    pub fn note(&mut self, cache: &Cache, a: &Analysis) {
+    /// Before a statement goes upstream. `keys`: the canonical values of the keys its text pins (`key::row_keys`),
+    /// when every one has a strict form. Returns what it voids, if anything.
+    pub fn note(&mut self, cache: &Cache, a: &Analysis, keys: Option<Vec<String>>) -> Option<Invalidation> {
         let mut flush = false;
         let mut write = false;
         let one = [a.class];
@@ -38,37 +46,66 @@ impl Writes {
                 _ => {}
             }
         }
-        if write && !a.tables_written.is_empty() {
-            cache.bump(&a.tables_written);
-            let now = Instant::now();
-            for t in &a.tables_written {
-                self.wrote.insert(bare(t).to_string(), now);
+        let inv = if flush || (write && a.tables_written.is_empty()) {
+            Invalidation::Flush
+        } else if !write {
+            return None;
+        } else {
+            match (&a.write_pins, keys) {
+                (Some(p), Some(keys)) if a.tables_written.iter().all(|t| bare(t) == bare(&p.table)) => {
+                    Invalidation::Rows { table: p.table.clone(), column: p.column.clone(), keys }
+                }
+                _ => Invalidation::Tables(a.tables_written.clone()),
             }
-            self.tx_tables.extend(a.tables_written.iter().cloned());
-        }
-        if flush || (write && a.tables_written.is_empty()) {
-            cache.flush();
-            self.tx_flush = true;
+        };
+        cache.apply(&inv);
+        self.mark(cache, &inv);
+        self.tx.push(inv.clone());
+        Some(inv)
+    }
+
+    fn mark(&mut self, cache: &Cache, inv: &Invalidation) {
+        let now = Instant::now();
+        match inv {
+            Invalidation::Tables(t) => {
+                for t in t {
+                    self.tables.insert(bare(t).to_string(), now);
+                }
+            }
+            Invalidation::Rows { table, column, keys } => {
+                if self.rows.len() + keys.len() > MAX_ROWS {
+                    self.rows.clear();
+                    self.tables.insert(bare(table).to_string(), now);
+                    return;
+                }
+                for k in keys {
+                    self.rows.insert(cache.generations.slot(table, column, k), now);
+                }
+                self.rows_latest.insert(bare(table).to_string(), now);
+            }
+            Invalidation::Flush => {}
         }
     }
 
     /// When a transaction (or an autocommit statement) ends: its writes are visible now; void again.
     pub fn visible(&mut self, cache: &Cache) {
-        if !self.tx_tables.is_empty() {
-            let tables = std::mem::take(&mut self.tx_tables);
-            cache.bump(&tables);
-            let now = Instant::now();
-            for t in tables {
-                self.wrote.insert(bare(&t).to_string(), now);
-            }
-        }
-        if std::mem::take(&mut self.tx_flush) {
-            cache.flush();
+        for inv in std::mem::take(&mut self.tx) {
+            cache.apply(&inv);
+            self.mark(cache, &inv);
         }
     }
 
-    /// Whether this session wrote `table` (a bare name) after `at`.
-    pub fn wrote_since(&self, table: &str, at: Instant) -> bool {
-        !self.wrote.is_empty() && self.wrote.get(table).is_some_and(|w| *w >= at)
+    /// Whether this session wrote what `read` depends on after `at` (an entry filled then must not answer it).
+    pub fn wrote_since(&self, read: &Dep, at: Instant) -> bool {
+        if self.tables.is_empty() && self.rows_latest.is_empty() {
+            return false;
+        }
+        let after = |w: Option<&Instant>| w.is_some_and(|w| *w >= at);
+        let t = &*read.table().name;
+        after(self.tables.get(t))
+            || match read {
+                Dep::Table { .. } => after(self.rows_latest.get(t)),
+                Dep::Row { slot, .. } => after(self.rows.get(slot)),
+            }
     }
 }

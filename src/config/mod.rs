@@ -145,8 +145,8 @@ impl Config {
             o => return Err(bad(format!("log_format must be text or json, not {o:?}"))),
         };
         let max_message_size = s.max_message_size.unwrap_or(256 << 20);
-        if max_message_size < 1024 {
-            return Err(bad("max_message_size must be at least 1024 bytes"));
+        if !(1024..=1 << 30).contains(&max_message_size) {
+            return Err(bad("max_message_size must be between 1024 bytes and 1 GiB (Postgres' own limit)"));
         }
         let listen = s.listen.clone().unwrap_or_else(|| "127.0.0.1:6432".into());
         check_addr("listen", &listen)?;
@@ -223,7 +223,8 @@ impl Config {
             return Err(bad("no users: give --upstream with a user and password, --auth-file, or [users] sections"));
         }
         let limits = crate::limit::LimitConfig::build(&s)?;
-        let cache = crate::cache::config::CacheConfig::build(&s.cache, s.cache_flag, s.cache_ttl).map_err(bad)?;
+        let cache_flags = crate::cache::config::CacheFlags { enabled: s.cache_flag, ttl: s.cache_ttl, notify: s.cache_notify };
+        let cache = crate::cache::config::CacheConfig::build(&s.cache, cache_flags).map_err(bad)?;
         let batch = crate::cache::config::BatchConfig::build(&s.batch, s.batch_flag).map_err(bad)?;
         Ok(Config {
             limits,

@@ -61,6 +61,10 @@ macro_rules! settings {
             #[arg(long = "cache-ttl", env = "PGSURGE_CACHE_TTL")]
             #[serde(skip)]
             pub cache_ttl: Option<Dur>,
+            /// Share invalidations with other instances through Postgres LISTEN/NOTIFY (same as `[cache] notify`).
+            #[arg(long = "cache-notify", env = "PGSURGE_CACHE_NOTIFY", num_args = 0..=1, default_missing_value = "true")]
+            #[serde(skip)]
+            pub cache_notify: Option<bool>,
             /// `[batch]` table (file only; `--batch` below switches it on).
             #[arg(skip)]
             #[serde(default)]
@@ -89,6 +93,7 @@ macro_rules! settings {
                 if self.cache == Default::default() { self.cache = lower.cache; }
                 if self.cache_flag.is_none() { self.cache_flag = lower.cache_flag; }
                 if self.cache_ttl.is_none() { self.cache_ttl = lower.cache_ttl; }
+                if self.cache_notify.is_none() { self.cache_notify = lower.cache_notify; }
                 if self.batch == Default::default() { self.batch = lower.batch; }
                 if self.batch_flag.is_none() { self.batch_flag = lower.batch_flag; }
                 self

@@ -44,9 +44,10 @@ impl ClientConn {
         self.spare = Some(input);
     }
 
-    /// Bytes received and not yet handled (a partial message).
-    pub fn pending(&self) -> usize {
-        self.rbuf.len()
+    /// Whether reading ahead (while a request waits, e.g. a batch member) stays bounded: no more than one message
+    /// of the largest size and one read beyond it are held.
+    pub fn may_read_ahead(&self) -> bool {
+        self.rbuf.len() < self.max_message + CHUNK
     }
 
     /// Puts `bytes` back in front of what was received, to be handled again (a request pgsurge re-runs).

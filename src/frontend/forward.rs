@@ -9,11 +9,14 @@ use bytes::{Bytes, BytesMut};
 use super::expect::{Expect, Expectations};
 use super::relay::{Ctx, Relay};
 use crate::backend::ServerConn;
+use crate::cache::invalidation::Invalidation;
+use crate::cache::key::row_keys;
 use crate::error::Result;
 use crate::protocol::codes::*;
 use crate::protocol::message::{empty, put_bind, put_statement_target, View};
 use crate::protocol::request::Input;
 use crate::state::Statement;
+use std::sync::Arc;
 
 impl Relay {
     /// Sends the messages `from..` of `input` to the server.
@@ -45,7 +48,7 @@ impl Relay {
                         View::Query { sql } => Some(sql.of(buf)),
                         _ => None,
                     };
-                    let local = sql.and_then(|sql| super::local::statement_commands(sql, &mut cx.state.stmts, conn, cx.state.status));
+                    let local = sql.and_then(|sql| super::local::statement_commands(sql, &mut cx.state.stmts, cx.state.status));
                     match local {
                         Some(reply) => {
                             self.expect.push(Expect::Synthetic(reply));
@@ -53,11 +56,16 @@ impl Relay {
                         }
                         None => {
                             if let (Some(cache), Some(sql)) = (&cx.parts.cache, sql) {
-                                cx.writes.note(cache, &cx.parts.analyses.get(sql));
+                                let a = cx.parts.analyses.get(sql);
+                                let keys = a.write_pins.as_ref().and_then(|p| row_keys(&p.keys, None, &[]));
+                                if let Some(inv) = cx.writes.note(cache, &a, keys) {
+                                    announce(&mut self.notify, &mut self.copying, inv, a.copy_in.then_some(Copying::Simple));
+                                }
                             }
                             let fx = sql.map(crate::sql::session::effects).unwrap_or_default();
                             cx.parts.pinned(cx.state.note_pins(&fx));
                             self.expect.push(Expect::Query { swallow: false, effects: fx, failed: false });
+                            replace = notify_after(&mut self.notify, self.copying, &mut self.expect, cx, m.raw(buf));
                         }
                     }
                 }
@@ -65,8 +73,15 @@ impl Relay {
                     queries += 1;
                     self.unsynced = false;
                     self.expect.client_sync();
+                    replace = notify_after(&mut self.notify, self.copying, &mut self.expect, cx, m.raw(buf));
                 }
-                COPY_DONE | COPY_FAIL => self.expect.client_copy_end(),
+                COPY_DONE | COPY_FAIL => {
+                    self.expect.client_copy_end();
+                    // A COPY begun by a simple Query has ended; one begun by Execute ends at the next Sync.
+                    if std::mem::replace(&mut self.copying, Copying::No) == Copying::Simple {
+                        replace = notify_after(&mut self.notify, self.copying, &mut self.expect, cx, m.raw(buf));
+                    }
+                }
                 PARSE => {
                     self.unsynced = true;
                     match m.view {
@@ -83,6 +98,7 @@ impl Relay {
                         }
                         View::Parse { query, types, .. } => {
                             self.unnamed = Some(cx.state.unnamed(&cx.parts.registry, query.of(buf), types.of(buf)));
+                            self.unnamed_here = true;
                             self.expect.push(Expect::Parse { swallow: false, stmt: None });
                         }
                         _ => self.expect.push(Expect::Parse { swallow: false, stmt: None }),
@@ -92,6 +108,7 @@ impl Relay {
                     self.unsynced = true;
                     self.portal = None;
                     if let View::Bind { portal, statement, rest } = m.view {
+                        self.portal_bind = Some(input.buf.slice_ref(rest.of(buf)));
                         if let Some(stmt) = cx.state.stmts.get(statement.of(buf)).cloned() {
                             let mut b = BytesMut::new();
                             ensure_prepared(conn, &stmt, &mut self.expect, &mut b);
@@ -99,6 +116,7 @@ impl Relay {
                             replace = Some(b);
                             self.portal = Some(stmt);
                         } else if statement.is_empty() {
+                            replace = own_unnamed(&mut self.unnamed_here, &mut self.unnamed, &mut self.expect, cx, m.raw(buf));
                             self.portal.clone_from(&self.unnamed);
                         }
                     }
@@ -112,6 +130,8 @@ impl Relay {
                             ensure_prepared(conn, &stmt, &mut self.expect, &mut b);
                             put_statement_target(&mut b, DESCRIBE, stmt.server_name.as_bytes());
                             replace = Some(b);
+                        } else if name.is_empty() {
+                            replace = own_unnamed(&mut self.unnamed_here, &mut self.unnamed, &mut self.expect, cx, m.raw(buf));
                         }
                     }
                     let portal = matches!(m.view, View::Target { kind: b'P', .. });
@@ -130,11 +150,15 @@ impl Relay {
                 }
                 EXECUTE => {
                     self.unsynced = true;
-                    let effects = match &self.portal {
+                    let effects = match self.portal.clone() {
                         Some(stmt) => {
                             cx.parts.pinned(cx.state.note_pins(&stmt.effects));
                             if let Some(cache) = &cx.parts.cache {
-                                cx.writes.note(cache, stmt.analysis(&cx.parts.analyses));
+                                let a = stmt.analysis(&cx.parts.analyses);
+                                let keys = a.write_pins.as_ref().and_then(|p| row_keys(&p.keys, self.portal_bind.as_deref(), &stmt.types));
+                                if let Some(inv) = cx.writes.note(cache, a, keys) {
+                                    announce(&mut self.notify, &mut self.copying, inv, a.copy_in.then_some(Copying::Extended));
+                                }
                             }
                             stmt.effects.clone()
                         }
@@ -183,6 +207,73 @@ impl Relay {
         }
         Ok(())
     }
+}
+
+/// Before a Bind or Describe of the unnamed statement (`raw`) on a connection this client has not parsed one
+/// on: the server's unnamed statement may be another client's. The client's own last one is parsed again first
+/// (its ParseComplete swallowed); if it has none, the server's is closed, so the message fails as it would on a
+/// fresh connection. `None`: the client's own is there.
+fn own_unnamed(
+    here: &mut bool,
+    unnamed: &mut Option<Arc<Statement>>,
+    expect: &mut Expectations,
+    cx: &Ctx<'_>,
+    raw: &[u8],
+) -> Option<BytesMut> {
+    if *here {
+        return None;
+    }
+    *here = true;
+    let mut b = BytesMut::with_capacity(raw.len() + 64);
+    match cx.state.last_unnamed() {
+        Some(stmt) => {
+            crate::protocol::message::put_parse(&mut b, b"", &stmt.query, &stmt.types);
+            expect.push(Expect::Parse { swallow: true, stmt: None });
+            *unnamed = Some(stmt.clone());
+        }
+        None => {
+            put_statement_target(&mut b, CLOSE, b"");
+            expect.push(Expect::Close { swallow: true, closing: None });
+        }
+    }
+    b.extend_from_slice(raw);
+    Some(b)
+}
+
+/// A COPY FROM STDIN in flight, and how it began: nothing but its data may reach the server until it ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Copying {
+    No,
+    /// By a simple Query: it ends with the client's CopyDone/CopyFail.
+    Simple,
+    /// By Execute: the client's Sync after its CopyDone/CopyFail ends it.
+    Extended,
+}
+
+/// Queues what a forwarded write voids, for other instances (`[cache] notify`). A COPY FROM STDIN (`copy`) holds
+/// the announcement until the copy ends.
+fn announce(notify: &mut Vec<Invalidation>, copying: &mut Copying, inv: Invalidation, copy: Option<Copying>) {
+    notify.push(inv);
+    if let Some(c) = copy {
+        *copying = c;
+    }
+}
+
+/// After a client message that ends a request (Query, Sync, CopyDone/CopyFail): the message followed by the
+/// NOTIFY of what the request's writes voided, on the same connection, so it lands in the same transaction when
+/// there is one (delivered at COMMIT, dropped on ROLLBACK). Its reply is swallowed. `None`: nothing to add.
+fn notify_after(notify: &mut Vec<Invalidation>, copying: Copying, expect: &mut Expectations, cx: &Ctx<'_>, raw: &[u8]) -> Option<BytesMut> {
+    if notify.is_empty() || copying != Copying::No {
+        return None;
+    }
+    let items = std::mem::take(notify);
+    let n = cx.parts.cache.as_ref()?.notifier.as_ref()?;
+    let statement = n.statement(&items);
+    let mut out = BytesMut::with_capacity(raw.len() + statement.len());
+    out.extend_from_slice(raw);
+    out.extend_from_slice(&statement);
+    expect.push(Expect::Query { swallow: true, effects: vec![], failed: false });
+    Some(out)
 }
 
 const PARSE_COMPLETE_MSG: [u8; 5] = empty(PARSE_COMPLETE);

@@ -4,7 +4,6 @@
 
 use bytes::{Bytes, BytesMut};
 
-use crate::backend::ServerConn;
 use crate::protocol::codes::*;
 use crate::protocol::encode;
 use crate::protocol::message::{empty, View};
@@ -31,39 +30,49 @@ pub fn close_sync(input: &Input, req: &Req, stmts: &mut Statements) -> Option<By
     Some(out)
 }
 
-/// Simple-query commands about prepared statements that pgsurge must see: `DEALLOCATE name` of a protocol-level
-/// statement is answered here (the reply is returned); `DEALLOCATE ALL` and `DISCARD ALL` also forget them (and go
-/// to the server).
-pub fn statement_commands(sql: &[u8], stmts: &mut Statements, conn: &mut ServerConn, status: TxStatus) -> Option<Bytes> {
-    // The hot path: nearly every query is neither; decide that without allocating.
+/// `DEALLOCATE name` of one of the client's protocol-level statements is answered here (the reply is returned). (`DEALLOCATE
+/// ALL` and `DISCARD ALL` go to the server; their effects clear the client's statements once they succeed.)
+pub fn statement_commands(sql: &[u8], stmts: &mut Statements, status: TxStatus) -> Option<Bytes> {
+    // The hot path: nearly every query is not one; decide that without allocating.
     let head = sql.trim_ascii_start();
-    if sql.len() > 64
-        || !(head.len() >= 7
-            && (head[..7].eq_ignore_ascii_case(b"discard") || head.len() >= 10 && head[..10].eq_ignore_ascii_case(b"deallocate")))
-    {
+    if sql.len() > 200 || !(head.len() >= 10 && head[..10].eq_ignore_ascii_case(b"deallocate")) {
         return None;
     }
     let text = String::from_utf8_lossy(sql);
-    let words: Vec<String> = text.trim().trim_end_matches(';').split_whitespace().map(|w| w.to_ascii_lowercase()).collect();
-    let words: Vec<&str> = words.iter().map(String::as_str).collect();
-    match words.as_slice() {
-        ["discard", "all"] | ["deallocate", "all"] | ["deallocate", "prepare", "all"] => {
-            stmts.clear();
-            conn.prepared.clear();
-            conn.unclosed.clear();
-            if words[0] == "discard" {
-                conn.applied = Default::default();
-            }
-            None
+    let words: Vec<&str> = text.trim().trim_end_matches(';').split_whitespace().collect();
+    let lower: Vec<String> = words.iter().map(|w| w.to_ascii_lowercase()).collect();
+    let name = match lower.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+        ["deallocate", n] | ["deallocate", "prepare", n] if *n != "all" => words[words.len() - 1].to_string(),
+        _ => return None,
+    };
+    // An unquoted name folds to lower case; a quoted one is taken as written.
+    let name = match name.strip_prefix('"').and_then(|n| n.strip_suffix('"')) {
+        Some(quoted) => quoted.replace("\"\"", "\""),
+        None => name.to_ascii_lowercase(),
+    };
+    stmts.remove(name.as_bytes())?;
+    let mut out = BytesMut::new();
+    encode::put_command_complete(&mut out, "DEALLOCATE");
+    encode::put_ready_for_query(&mut out, status);
+    Some(out.freeze())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deallocate_names_fold_like_identifiers() {
+        let registry = crate::state::Registry::default();
+        let mut stmts = Statements::new();
+        for name in ["s1", "S1"] {
+            stmts.insert(Bytes::from(name), registry.intern(b"SELECT 1", b"\0\0"));
         }
-        ["deallocate", name] | ["deallocate", "prepare", name] => {
-            let name = name.trim_matches('"');
-            stmts.remove(name.as_bytes())?;
-            let mut out = BytesMut::new();
-            encode::put_command_complete(&mut out, "DEALLOCATE");
-            encode::put_ready_for_query(&mut out, status);
-            Some(out.freeze())
-        }
-        _ => None,
+        assert!(statement_commands(b"DEALLOCATE \"S1\"", &mut stmts, TxStatus::Idle).is_some());
+        assert!(stmts.contains_key(&b"s1"[..]) && !stmts.contains_key(&b"S1"[..]));
+        assert!(statement_commands(b"deallocate prepare S1;", &mut stmts, TxStatus::Idle).is_some());
+        assert!(stmts.is_empty());
+        assert!(statement_commands(b"DEALLOCATE ALL", &mut stmts, TxStatus::Idle).is_none(), "goes to the server");
+        assert!(statement_commands(b"DEALLOCATE unknown", &mut stmts, TxStatus::Idle).is_none());
     }
 }

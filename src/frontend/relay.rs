@@ -23,6 +23,7 @@ use crate::protocol::codes::*;
 use crate::protocol::frame::complete_len;
 use crate::protocol::message::put_statement_target;
 use crate::protocol::{encode, view};
+use crate::sql::session::Effect;
 use crate::state::session::{PinChange, SessionState};
 use crate::state::{Analyses, Registry, Statement};
 
@@ -71,6 +72,14 @@ pub struct Relay {
     /// The unnamed statement last parsed, and the statement of the portal last bound (for its effects at Execute).
     pub(super) unnamed: Option<Arc<Statement>>,
     pub(super) portal: Option<Arc<Statement>>,
+    /// The Bind of that portal after its statement name (its parameters), for the keys a write names.
+    pub(super) portal_bind: Option<bytes::Bytes>,
+    /// What forwarded writes voided, to announce to other instances after the request (`notify_after`).
+    pub(super) notify: Vec<crate::cache::invalidation::Invalidation>,
+    /// This checkout has the client's own unnamed statement (it parsed one here).
+    pub(super) unnamed_here: bool,
+    /// A COPY FROM STDIN is in flight: announcements wait for its end.
+    pub(super) copying: super::forward::Copying,
     pub retry: Retry,
     pub cancel: Arc<CancelSlot>,
     /// The deadline of checkout waits, reused across them (see `Pool::checkout_for`).
@@ -87,6 +96,10 @@ impl Relay {
             unsynced: false,
             unnamed: None,
             portal: None,
+            portal_bind: None,
+            notify: vec![],
+            copying: super::forward::Copying::No,
+            unnamed_here: false,
             retry: Retry::default(),
             cancel,
             wait_timer: None,
@@ -144,6 +157,7 @@ impl Relay {
             conn.applied = state.wanted.clone();
         }
         self.server = Some(co);
+        self.unnamed_here = false;
         Ok(())
     }
 
@@ -241,6 +255,12 @@ impl Relay {
                 action = Action::Swallow;
             }
             for e in done.drain(..) {
+                if matches!(e, Effect::DiscardAll | Effect::Deallocate(None)) {
+                    // Done (not merely sent): the client's named statements and this server's are gone.
+                    cx.state.stmts.clear();
+                    conn.prepared.clear();
+                    conn.unclosed.clear();
+                }
                 cx.state.completed(e, &mut conn.applied);
             }
             match tag {

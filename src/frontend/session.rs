@@ -207,7 +207,9 @@ impl Session {
     /// Takes the requests of `input` through the stages in order; once a server is held, the rest of the input
     /// is forwarded to it in one write.
     async fn handle(&mut self, input: &Input) -> Result<Flow> {
+        // Requests before `paid` have their tokens; `refused` is the first one that was refused its own.
         let mut paid = 0;
+        let mut refused: Option<(usize, Error)> = None;
         let mut i = 0;
         while i < input.reqs.len() {
             let req = input.reqs[i];
@@ -216,13 +218,20 @@ impl Session {
                 i += 1;
                 continue;
             }
+            if let Some((_, e)) = refused.take_if(|(j, _)| *j == i) {
+                self.fail(input, &req, e).await?;
+                i += 1;
+                paid = i;
+                continue;
+            }
             if i >= paid {
                 match self.check_limits(input, i).await {
                     Ok(()) => paid = input.reqs.len(),
                     Err(e) => {
-                        self.fail(input, &req, e).await?;
-                        i += 1;
-                        paid = i;
+                        // The free requests before the first that costs a token (Flushes) go on as usual.
+                        let j = input.first_costly(i, self.relay.unsynced).unwrap_or(i);
+                        refused = Some((j, e));
+                        paid = j;
                         continue;
                     }
                 }
@@ -236,6 +245,7 @@ impl Session {
             }
             let free = self.relay.server.is_none() && self.state.is_free() && self.relay.quiet() && self.fill.is_none();
             if free {
+                self.ticket = None; // a lookup that ran alone is over
                 if let Done::Answered = self.answer_here(input, &req, resolved.as_ref()).await? {
                     i += 1;
                     continue;
@@ -254,7 +264,8 @@ impl Session {
                     continue;
                 }
             }
-            let fresh = self.state.status == TxStatus::Idle && self.relay.expect.is_empty();
+            // Only a lone request can be re-run transparently: replies to anything after it would overtake it.
+            let fresh = self.state.status == TxStatus::Idle && self.relay.expect.is_empty() && i + 1 == input.reqs.len();
             self.relay.retry.arm(input, &req, &self.state, fresh);
             let (relay, mut cx) = self.ctx();
             relay.forward(&mut cx, input, req.first).await?;
@@ -303,7 +314,8 @@ impl Session {
             }
             Some(View::Parse { name, query, types }) => {
                 let statement = self.parts.registry.intern(input.at(query), input.at(types));
-                Some(Resolved { statement, parsed: true, name: Some(input.buf.slice_ref(input.at(name))) })
+                // Copied: a slice would keep the whole read buffer alive as long as the statement lives.
+                Some(Resolved { statement, parsed: true, name: Some(bytes::Bytes::copy_from_slice(input.at(name))) })
             }
             _ => {
                 let View::Bind { statement, .. } = input.msgs[l.bind].view else { return None };
@@ -320,21 +332,22 @@ impl Session {
     /// The cache's stop: a hit is written straight to the client; a cacheable miss starts a fill.
     async fn cache(&mut self, sql: &[u8], lookup: Option<(&Resolved, Lookup, &[u8])>) -> Result<Done> {
         let Some(cache) = self.parts.cache.clone() else { return Ok(Done::Pass) };
-        let Some(output) = self.state.output_id(&self.parts.outputs) else { return Ok(Done::Pass) };
+        let output = self.state.output_id(&self.parts.outputs);
         let pool = self.parts.pool.id;
         let key = match lookup {
             None => key::simple(&mut self.key, pool, output, sql),
             Some((r, l, bind)) => key::extended(&mut self.key, pool, output, r.statement.id, r.parsed, l.describe, bind),
         };
         let writes = &self.writes;
-        let entry = match cache.get(key, |t, at| writes.wrote_since(t, at)) {
+        let entry = match cache.get(key, |d, at| writes.wrote_since(d, at)) {
             Some(e) => e,
             None => {
-                let analysis = match lookup {
-                    None => self.parts.analyses.get(sql),
-                    Some((r, ..)) => r.statement.analysis(&self.parts.analyses).clone(),
+                let (analysis, bind, types) = match lookup {
+                    None => (self.parts.analyses.get(sql), None, &[][..]),
+                    Some((r, _, bind)) => (r.statement.analysis(&self.parts.analyses).clone(), Some(bind), &r.statement.types[..]),
                 };
-                match caching::miss(&cache, &self.parts.pool, self.wait_timeout, key, sql, &analysis, writes).await? {
+                let miss = caching::Miss { key, sql, analysis: &analysis, bind, types };
+                match caching::miss(&cache, &self.parts.pool, self.wait_timeout, &miss, writes).await? {
                     caching::Outcome::Hit(e) => e,
                     caching::Outcome::Fill(c) => {
                         self.fill = Some(c);
@@ -364,7 +377,7 @@ impl Session {
         if !cfg.enabled || self.mode != PoolMode::Transaction {
             return Ok(Done::Pass);
         }
-        let Some(output) = self.state.output_id(&self.parts.outputs) else { return Ok(Done::Pass) };
+        let output = self.state.output_id(&self.parts.outputs);
         let View::Bind { rest, .. } = input.msgs[l.bind].view else { return Ok(Done::Pass) };
         let ask = batching::Ask {
             statement: &r.statement,
@@ -406,8 +419,10 @@ impl Session {
         let depth = batching::concurrency(cfg, &self.parts.pool);
         let slot = self.relay.cancel.clone();
         let waiting = slot.waiting(Instant::now());
+        // One deadline for the turn and the checkout together.
+        let deadline = Instant::now() + self.wait_timeout;
         tokio::select! {
-            _ = guard.turn(depth, Instant::now() + self.wait_timeout) => {}
+            _ = guard.turn(depth, deadline) => {}
             _ = slot.wait_cancelled() => {
                 drop((guard, waiting));
                 self.fail(input, req, Error::Canceled("user request")).await?;
@@ -415,7 +430,9 @@ impl Session {
             }
         }
         drop(waiting);
-        if let Err(e) = self.acquire().await {
+        let fair = self.admission.as_ref().map(|a| &a.fair_key);
+        let left = deadline.saturating_duration_since(Instant::now());
+        if let Err(e) = self.relay.acquire(&self.parts.pool, &self.state, fair, left).await {
             drop(guard);
             if e.severity() == Severity::Fatal {
                 return Err(e);
@@ -464,7 +481,7 @@ impl Session {
                     self.fail(input, req, Error::Canceled("user request")).await?;
                     return Ok(Done::Answered);
                 }
-                n = self.conn.read() => match n {
+                n = self.conn.read(), if self.conn.may_read_ahead() => match n {
                     Ok(0) => return Err(Error::Io(std::io::ErrorKind::UnexpectedEof.into())),
                     Ok(_) => {}
                     Err(e) => return Err(e.into()),
@@ -501,11 +518,12 @@ impl Session {
         if !adm.is_active() {
             return Ok(());
         }
-        let n = input.charge(from, self.relay.unsynced && from == 0);
+        let n = input.charge(from, self.relay.unsynced);
         if n == 0 {
             return Ok(());
         }
-        let in_tx = self.state.status != TxStatus::Idle;
+        // Inside a transaction, or while a server is held, a refusal would abort more than this request: wait longer.
+        let in_tx = self.state.status != TxStatus::Idle || self.relay.server.is_some();
         let wait = if in_tx { self.wait_timeout } else { adm.max_delay() };
         tokio::select! {
             r = adm.request(n, !in_tx, wait) => r,
@@ -517,6 +535,7 @@ impl Session {
     /// or Sync; without one, messages are dropped until the client's Sync arrives.
     async fn fail(&mut self, input: &Input, req: &Req, err: Error) -> Result<()> {
         self.fill = None;
+        self.ticket = None;
         self.errors.count(err.sqlstate());
         let mut out = BytesMut::new();
         err.write_to(&mut out);
@@ -525,7 +544,9 @@ impl Session {
         } else {
             self.skipping = true;
         }
-        self.relay.unsynced = false;
+        if self.relay.server.is_none() {
+            self.relay.unsynced = false;
+        }
         self.conn.write(&out).await
     }
 

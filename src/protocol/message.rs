@@ -106,7 +106,8 @@ impl Msg {
 fn query(buf: &[u8], body: &[u8]) -> Option<View> {
     let mut b = body;
     let sql = get_cstr(&mut b)?;
-    Some(View::Query { sql: Span::within(buf, sql) })
+    // Bytes after the terminator: Postgres refuses the message (08P01); so must anything that answers it.
+    b.is_empty().then(|| View::Query { sql: Span::within(buf, sql) })
 }
 
 fn parse(buf: &[u8], body: &[u8]) -> Option<View> {
@@ -153,6 +154,55 @@ pub fn target_view(body: &[u8]) -> Option<(u8, &[u8])> {
     let (&kind, mut rest) = body.split_first()?;
     let name = get_cstr(&mut rest)?;
     rest.is_empty().then_some((kind, name))
+}
+
+/// Parameter `index` of a Bind (`rest`: the body after the statement name): its format code and its value
+/// (`None`: SQL NULL). `None` if the Bind does not hold that parameter; every count and length is checked.
+pub fn bind_param(rest: &[u8], index: usize) -> Option<(i16, Option<&[u8]>)> {
+    let mut b = rest;
+    let nfmt = take_i16(&mut b)?;
+    if nfmt < 0 || b.len() < nfmt as usize * 2 {
+        return None;
+    }
+    let (formats, tail) = b.split_at(nfmt as usize * 2);
+    let format = match nfmt {
+        0 => 0,
+        1 => i16::from_be_bytes([formats[0], formats[1]]),
+        _ => i16::from_be_bytes(formats.get(index * 2..index * 2 + 2)?.try_into().ok()?),
+    };
+    b = tail;
+    let nparams = take_i16(&mut b)?;
+    if nparams < 0 || index >= nparams as usize {
+        return None;
+    }
+    for i in 0..=index {
+        let len = i32::from_be_bytes(b.get(..4)?.try_into().ok()?);
+        b = &b[4..];
+        let value = match len {
+            -1 => None,
+            n if n >= 0 && n as usize <= b.len() => {
+                let (v, rest) = b.split_at(n as usize);
+                b = rest;
+                Some(v)
+            }
+            _ => return None,
+        };
+        if i == index {
+            return Some((format, value));
+        }
+    }
+    None
+}
+
+/// The declared type OID of parameter `index` in a Parse's parameter-type section (0: unspecified).
+pub fn param_type(types: &[u8], index: usize) -> u32 {
+    types.get(2 + index * 4..6 + index * 4).and_then(|o| o.try_into().ok()).map_or(0, u32::from_be_bytes)
+}
+
+fn take_i16(b: &mut &[u8]) -> Option<i16> {
+    let v = i16::from_be_bytes(b.get(..2)?.try_into().ok()?);
+    *b = &b[2..];
+    Some(v)
 }
 
 /// Appends a Parse frame.
@@ -216,12 +266,28 @@ mod tests {
     }
 
     #[test]
+    fn bind_parameters_are_read_with_every_length_checked() {
+        // two formats (text, binary), two values ("7", 4 bytes), no result formats
+        let rest = b"\0\x02\0\0\0\x01\0\x02\0\0\0\x017\0\0\0\x04\0\0\0\x07\0\0";
+        assert_eq!(bind_param(rest, 0), Some((0, Some(&b"7"[..]))));
+        assert_eq!(bind_param(rest, 1), Some((1, Some(&[0, 0, 0, 7][..]))));
+        assert_eq!(bind_param(rest, 2), None);
+        assert_eq!(bind_param(b"\0\0\0\x01\xff\xff\xff\xff\0\0", 0), Some((0, None)), "NULL");
+        assert_eq!(bind_param(b"\0\0\0\x01\0\0\0\x09ab", 0), None, "a length past the end");
+        assert_eq!(bind_param(b"\0\x05\0\0", 0), None, "formats past the end");
+        assert_eq!(bind_param(b"\xff\xff", 0), None);
+        assert_eq!(param_type(&[0, 2, 0, 0, 0, 23, 0, 0, 0, 20], 1), 20);
+        assert_eq!(param_type(&[0, 0], 0), 0);
+    }
+
+    #[test]
     fn bodies_that_do_not_decode_are_raw() {
         let mut b = BytesMut::new();
         put_msg(&mut b, PARSE, |b| b.put_slice(b"s\0SELECT 1\0\0\x02\0\0\0\x17")); // claims 2 types, has 1
         put_msg(&mut b, CLOSE, |b| b.put_slice(b"Sname")); // no terminator
         put_msg(&mut b, EXECUTE, |b| b.put_slice(b"\0\0\0")); // short row limit
         put_msg(&mut b, QUERY, |b| b.put_slice(b"SELECT 1")); // no terminator
+        put_msg(&mut b, QUERY, |b| b.put_slice(b"SELECT 1\0junk")); // bytes after it
         assert!(decode_all(&b).iter().all(|m| m.view == View::Raw));
         assert_eq!(target_view(b"Sname\0"), Some((b'S', &b"name"[..])));
     }

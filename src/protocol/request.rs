@@ -74,6 +74,10 @@ impl Input {
         if used == 0 {
             return Ok(None);
         }
+        if used > u32::MAX as usize {
+            // Spans are 32-bit: a client that piled up 4 GiB of messages unanswered is refused.
+            return Err(FrameError::TooLong { tag: '?', len: used, max: u32::MAX as usize });
+        }
         reuse.buf = rbuf.split_to(used).freeze();
         group(&reuse.buf, &reuse.msgs, &mut reuse.reqs);
         Ok(Some(reuse))
@@ -100,16 +104,29 @@ impl Input {
     /// Rate-limit tokens the requests from `from` on take: one per Query, FunctionCall and extended-protocol run;
     /// a run the previous input left open (`continuing`) was paid when it began; Flushes and COPY data are free.
     pub fn charge(&self, from: usize, continuing: bool) -> u32 {
-        let mut n = 0;
-        for (i, r) in self.reqs.iter().enumerate().skip(from) {
-            let continues = continuing && i == 0;
-            n += match r.kind {
-                Kind::Simple | Kind::Function => 1,
-                Kind::Lookup(_) | Kind::CloseSync | Kind::Extended { .. } => u32::from(!continues),
-                Kind::Flush | Kind::Copy => 0,
-            };
+        let mut open = continuing;
+        self.reqs.iter().skip(from).map(|r| self.cost(r, &mut open)).sum()
+    }
+
+    /// The index of the first request from `from` on that takes a token (`continuing` as in `charge`).
+    pub fn first_costly(&self, from: usize, continuing: bool) -> Option<usize> {
+        let mut open = continuing;
+        (from..self.reqs.len()).find(|&i| self.cost(&self.reqs[i], &mut open) > 0)
+    }
+
+    /// Tokens one request takes; `open`: an extended-protocol run is open before it (updated past it).
+    fn cost(&self, r: &Req, open: &mut bool) -> u32 {
+        match r.kind {
+            Kind::Simple | Kind::Function => {
+                *open = false;
+                1
+            }
+            Kind::Lookup(_) | Kind::CloseSync | Kind::Extended { .. } => {
+                let paid = std::mem::replace(open, !self.synced(r));
+                u32::from(!paid)
+            }
+            Kind::Flush | Kind::Copy => 0,
         }
-        n
     }
 
     /// Whether request `r` ends with a Query, FunctionCall or Sync (after which Postgres sends ReadyForQuery).
@@ -267,6 +284,7 @@ mod tests {
         assert_eq!(kinds(&i), vec![Kind::Extended { synced: true }, Kind::Extended { synced: true }, Kind::Extended { synced: false }]);
         assert_eq!(i.charge(0, false), 3);
         assert_eq!(i.charge(0, true), 2, "the first run continues one already paid for");
+        assert_eq!(i.first_costly(0, true), Some(1));
     }
 
     #[test]
@@ -286,6 +304,8 @@ mod tests {
         assert_eq!(kinds(&i), vec![Kind::Flush, Kind::CloseSync, Kind::CloseSync, Kind::Copy, Kind::Simple]);
         assert!(i.terminate);
         assert_eq!(i.charge(0, false), 3);
+        assert_eq!(i.charge(0, true), 2, "a Flush before it does not end the run it continues");
+        assert_eq!(i.first_costly(0, false), Some(1), "a Flush costs nothing");
     }
 
     #[test]

@@ -29,6 +29,7 @@ pub fn analyze(sql: &str) -> Analysis {
     let mut written: BTreeSet<String> = BTreeSet::new();
     let mut copied_out: BTreeSet<String> = BTreeSet::new();
     let mut select_into = false;
+    let mut copy_in = false;
     for node in &nodes {
         let facts = tree::collect(node);
         let class = classify(node, &facts);
@@ -40,6 +41,7 @@ pub fn analyze(sql: &str) -> Analysis {
                 }
             }
             NodeEnum::CopyStmt(c) => {
+                copy_in |= c.is_from && c.filename.is_empty() && !c.is_program;
                 if let Some(rel) = &c.relation {
                     let name = qualified(&rel.catalogname, &rel.schemaname, &rel.relname);
                     if c.is_from {
@@ -90,9 +92,27 @@ pub fn analyze(sql: &str) -> Analysis {
         reads_catalog,
         cacheable: Cacheability::Yes,
         hints,
+        point_read: None,
+        write_pins: None,
+        copy_in,
     };
     let top_is_select = matches!(nodes[0], NodeEnum::SelectStmt(_));
     analysis.cacheable = cacheability(&analysis, &all, top_is_select, reads_temp);
+    if let [node] = nodes.as_slice() {
+        if class == StatementClass::Write {
+            analysis.write_pins = super::pins::write_pins(node, sql);
+        }
+        if class == StatementClass::Select && analysis.cacheable == Cacheability::Yes {
+            analysis.point_read = super::batchable(sql).map(|b| super::pins::Pinned {
+                table: b.table,
+                column: b.key_column,
+                keys: vec![match b.literal {
+                    Some(l) => super::pins::KeyRef::Literal(l),
+                    None => super::pins::KeyRef::Param(0),
+                }],
+            });
+        }
+    }
     analysis
 }
 
@@ -155,6 +175,9 @@ fn unusable(class: StatementClass, why: &'static str, hints: Hints) -> Analysis 
         reads_catalog: false,
         cacheable: Cacheability::No(why),
         hints,
+        point_read: None,
+        write_pins: None,
+        copy_in: false,
     }
 }
 

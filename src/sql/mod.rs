@@ -21,6 +21,7 @@ mod batch;
 mod classify;
 mod hints;
 mod merge;
+pub mod pins;
 pub mod session;
 mod tree;
 pub mod volatility;
@@ -64,6 +65,13 @@ pub struct Analysis {
     pub cacheable: Cacheability,
     /// `/* pgsurge:... */` directives found in comments.
     pub hints: Hints,
+    /// A point read (`SELECT … FROM t WHERE col = $1 | literal`, the batcher's shape): the one row it depends on.
+    pub point_read: Option<pins::Pinned>,
+    /// A single INSERT/UPDATE/DELETE whose target rows the text pins by one column's values (else the whole
+    /// table of `tables_written`).
+    pub write_pins: Option<pins::Pinned>,
+    /// A `COPY … FROM STDIN`: the client sends data after it, so nothing may follow it until the copy ends.
+    pub copy_in: bool,
 }
 
 /// What kind of statement this is, as far as pooling, caching and invalidation care.

@@ -22,9 +22,8 @@ pub struct SessionState {
     pub wanted: Arc<Settings>,
     /// Those it logged in with (what RESET returns to).
     pub startup: Settings,
-    /// The number of `wanted`'s output-changing settings (`None` inside: too many distinct ones); recomputed after
-    /// a change, when a key first needs it.
-    output: Option<Option<u32>>,
+    /// The number of `wanted`'s output-changing settings; recomputed after a change, when a key first needs it.
+    output: Option<u64>,
     /// Why this client must keep its server connection (LISTEN, temp tables, ...); empty: it need not.
     pub pins: HashSet<Pin>,
     /// Named prepared statements (client name -> shared statement).
@@ -62,7 +61,7 @@ impl SessionState {
     }
 
     /// The number of this session's output-changing settings, for cache and batch keys.
-    pub fn output_id(&mut self, outputs: &Outputs) -> Option<u32> {
+    pub fn output_id(&mut self, outputs: &Outputs) -> u64 {
         *self.output.get_or_insert_with(|| outputs.id(&self.wanted))
     }
 
@@ -81,6 +80,11 @@ impl SessionState {
                 s
             }
         }
+    }
+
+    /// The client's unnamed statement (its last unnamed Parse), if it made one.
+    pub fn last_unnamed(&self) -> Option<&Arc<Statement>> {
+        self.unnamed.as_ref()
     }
 
     /// A statement's effect on settings completed: it holds now in autocommit, or at COMMIT of its transaction.

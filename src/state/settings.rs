@@ -128,29 +128,30 @@ pub fn output_text(s: &Settings) -> Vec<u8> {
     out
 }
 
-/// A small number for each distinct set of output-changing settings, so keys carry 4 bytes instead of the text.
-/// Distinct sets are few (one per search_path/role/time zone combination in use); past `MAX_OUTPUTS` a new one
-/// gets no number and its requests bypass the cache and the batcher (correct, only slower).
+/// A number for each distinct set of output-changing settings, so keys carry 8 bytes instead of the text. Numbers
+/// are never reused: when `MAX_OUTPUTS` sets are remembered the memory starts over, and a set seen again gets a new
+/// number (its earlier entries are merely missed, never confused with another set's).
 #[derive(Default)]
 pub struct Outputs {
-    ids: Mutex<HashMap<Box<[u8]>, u32>>,
+    ids: Mutex<HashMap<Box<[u8]>, u64>>,
+    next: std::sync::atomic::AtomicU64,
 }
 
 const MAX_OUTPUTS: usize = 65_536;
 
 impl Outputs {
-    pub fn id(&self, s: &Settings) -> Option<u32> {
+    pub fn id(&self, s: &Settings) -> u64 {
         let text = output_text(s);
         let mut ids = self.ids.lock();
         if let Some(id) = ids.get(text.as_slice()) {
-            return Some(*id);
+            return *id;
         }
         if ids.len() >= MAX_OUTPUTS {
-            return None;
+            ids.clear();
         }
-        let id = ids.len() as u32 + 1;
+        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         ids.insert(text.into_boxed_slice(), id);
-        Some(id)
+        id
     }
 }
 

@@ -101,10 +101,18 @@ fn could_be_lookup(sql: &[u8]) -> bool {
 }
 
 /// The process-wide statement registry. Entries die with the last client that uses them.
-#[derive(Default)]
 pub struct Registry {
     map: Mutex<std::collections::HashMap<(Bytes, Bytes), Weak<Statement>>>,
     next: AtomicU64,
+    /// Random per process, in every server-side name: a client cannot name (Bind, Close, DEALLOCATE) a statement
+    /// pgsurge prepared for other clients.
+    prefix: String,
+}
+
+impl Default for Registry {
+    fn default() -> Registry {
+        Registry { map: Mutex::default(), next: AtomicU64::new(0), prefix: format!("{:016x}", rand::random::<u64>()) }
+    }
 }
 
 impl Registry {
@@ -119,7 +127,7 @@ impl Registry {
             map.retain(|_, w| w.strong_count() > 0);
         }
         let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
-        let server_name = format!("pgsurge_{id}");
+        let server_name = format!("pgsurge_{}_{id}", self.prefix);
         let mut parse = BytesMut::with_capacity(query.len() + types.len() + 32);
         put_parse(&mut parse, server_name.as_bytes(), query, types);
         let s = Arc::new(Statement {

@@ -477,5 +477,7 @@ async fn lookups_arriving_while_their_statement_runs_merge_behind_it_even_with_s
     let stats = p.app.batch.stats();
     let (batches, lookups): (u64, u64) = stats.iter().fold((0, 0), |(b, l), s| (b + s.1.batches, l + s.1.lookups));
     assert!(batches > 0 && lookups > 2 * batches, "800 lookups: {lookups} merged into {batches} statements: {stats:?}");
-    assert!(p.app.pools()[0].stats.active.load(std::sync::atomic::Ordering::Relaxed) == 0);
+    let pool = p.app.pools()[0].clone();
+    let idle = || async { pool.stats.active.load(std::sync::atomic::Ordering::Relaxed) == 0 };
+    assert!(eventually(Duration::from_secs(5), idle).await, "every server connection went back to the pool");
 }
