@@ -50,6 +50,8 @@ pub struct App {
     pub analyses: Arc<crate::state::Analyses>,
     /// Numbers for the distinct sets of output-changing settings (cache and batch keys).
     pub outputs: Arc<crate::state::settings::Outputs>,
+    /// Databases whose cache invalidation listener runs.
+    listeners: Mutex<std::collections::HashSet<String>>,
     /// Read buffers lent to clients while they have data.
     pub buffers: Arc<crate::frontend::buffers::Buffers>,
     /// Pools created so far: each gets the next number.
@@ -83,6 +85,7 @@ impl App {
             outputs: Default::default(),
             pool_ids: Default::default(),
             buffers: Default::default(),
+            listeners: Default::default(),
             counters: Counters::default(),
             shutdown: watch::channel(Shutdown::Running).0,
             ops: Default::default(),
@@ -144,7 +147,19 @@ impl App {
         let pool = Pool::new(id, key.clone(), target, pool_settings(&cfg, db, user));
         crate::admin::init_pool(self, &pool);
         pool.set_budgets(self.limits.budgets_for(&db.name, &user.name));
-        Ok(self.pools.lock().entry(key).or_insert(pool).clone())
+        let pool = self.pools.lock().entry(key).or_insert(pool).clone();
+        self.listen_for(&pool);
+        Ok(pool)
+    }
+
+    /// With `[cache] notify`: the first pool of a database starts that database's invalidation listener, which
+    /// logs in as that pool does.
+    fn listen_for(&self, pool: &Arc<Pool>) {
+        let Some((cache, n)) = self.cache.as_ref().and_then(|c| Some((c, c.notifier.as_ref()?))) else { return };
+        if self.listeners.lock().insert(pool.key.database.clone()) {
+            n.register();
+            tokio::spawn(crate::cache::notify::listen(cache.clone(), pool.clone()));
+        }
     }
 
     /// Looks up the configured database a client asked for.

@@ -13,8 +13,10 @@ use pgsurge::{App, Shutdown};
 fn main() -> ExitCode {
     let cli = Settings::parse();
     // The demo brings its own Postgres and pgsurge: no --upstream, no config file.
-    if let Some(Command::Demo(args)) = cli.command {
-        return run_demo(args);
+    match cli.command {
+        Some(Command::Demo(args)) => return run_demo(args),
+        Some(Command::InstallTriggers(args)) => return install_triggers(args),
+        None => {}
     }
     let config = match Config::load(cli.clone()) {
         Ok(c) => c,
@@ -53,6 +55,39 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("pgsurge: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `pgsurge install-triggers`: one connection, the triggers, a line saying what was done.
+fn install_triggers(args: pgsurge::cache::triggers::TriggerArgs) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pgsurge: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(pgsurge::cache::triggers::run(&args)) {
+        Ok(r) if args.drop => {
+            println!("pgsurge: removed the invalidation triggers of {} tables{}", r.tables, if r.event_trigger { " and the event trigger" } else { "" });
+            ExitCode::SUCCESS
+        }
+        Ok(r) => {
+            println!("pgsurge: invalidation triggers on {} tables, channel {}", r.tables, args.channel);
+            for (table, why) in &r.skipped {
+                println!("pgsurge: skipped {table}: {why}");
+            }
+            if r.event_trigger {
+                println!("pgsurge: tables created later get their trigger from the event trigger pgsurge_new_tables");
+            } else {
+                println!("pgsurge: not a superuser, so no event trigger: run install-triggers again after creating tables");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("pgsurge: install-triggers: {e}");
             ExitCode::FAILURE
         }
     }

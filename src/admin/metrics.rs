@@ -192,4 +192,16 @@ fn cache_metrics(o: &mut Out, c: &crate::cache::Cache) {
         o.family(name, "counter", help);
         o.sample(name, &[], v.load(Ordering::Relaxed));
     }
+    if let Some(n) = &c.notifier {
+        o.family("pgsurge_cache_notify_up", "gauge", "1 while every invalidation listener listens (else the cache answers nothing).");
+        o.sample("pgsurge_cache_notify_up", &[], u8::from(!n.blind()));
+        for (name, help, v) in [
+            ("pgsurge_cache_notifications_received_total", "Invalidation notifications received from Postgres.", &n.received),
+            ("pgsurge_cache_notifications_sent_total", "Invalidation notifications sent after writes through this instance.", &n.sent),
+            ("pgsurge_cache_notify_reconnects_total", "Times an invalidation listener lost its connection.", &n.reconnects),
+        ] {
+            o.family(name, "counter", help);
+            o.sample(name, &[], v.load(Ordering::Relaxed));
+        }
+    }
 }

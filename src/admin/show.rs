@@ -54,23 +54,15 @@ fn cache(app: &App) -> Table {
         "evictions",
         "invalidations",
         "flushes",
+        "notify",
+        "notifications_received",
+        "notifications_sent",
     ]);
     let Some(c) = &app.cache else {
-        t.row(vec![
-            false.into(),
-            0.into(),
-            0.into(),
-            0.into(),
-            0.into(),
-            0.into(),
-            null(),
-            0.into(),
-            0.into(),
-            0.into(),
-            0.into(),
-            0.into(),
-            0.into(),
-        ]);
+        let mut row = vec![false.into(), 0.into(), 0.into(), 0.into(), 0.into(), 0.into(), null()];
+        row.extend((0..6).map(|_| 0.into()));
+        row.extend(["off".into(), 0.into(), 0.into()]);
+        t.row(row);
         return t;
     };
     let s = &c.stats;
@@ -92,6 +84,9 @@ fn cache(app: &App) -> Table {
         ld(&s.evictions).into(),
         ld(&s.invalidations).into(),
         ld(&s.flushes).into(),
+        c.notifier.as_ref().map_or("off".into(), |n| n.state()).into(),
+        c.notifier.as_ref().map_or(0, |n| ld(&n.received)).into(),
+        c.notifier.as_ref().map_or(0, |n| ld(&n.sent)).into(),
     ]);
     t
 }

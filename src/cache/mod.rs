@@ -11,6 +11,7 @@ pub mod key;
 pub mod notify;
 pub mod policy;
 pub mod stage;
+pub mod triggers;
 pub mod writes;
 
 use std::collections::HashMap;
@@ -100,12 +101,15 @@ pub struct Cache {
 /// How long a table's row-security / temporary flag is trusted before it is looked up again.
 const FLAGS_TTL: Duration = Duration::from_secs(30);
 
-/// The catalog lookup behind `flags`: any relation of that name (in that schema, if qualified) with row-level
-/// security or temporary persistence counts. Names never match nothing dangerous: an unknown name (a CTE) is false.
+/// The catalog lookup behind `flags`: any relation of that name (in that schema, if qualified) that has row-level
+/// security, is temporary, is not a plain table or materialized view (a view or a foreign table changes when other
+/// tables do, or outside Postgres), or has partitions or inheritance children (writes to a child change what the
+/// parent reads) counts. An unknown name (a CTE) matches nothing and is false.
 pub fn flags_sql(tables: &[String]) -> String {
     let list: Vec<String> = tables.iter().map(|t| format!("'{}'", t.replace('\'', "''"))).collect();
     format!(
-        "SELECT n, coalesce((SELECT bool_or(c.relrowsecurity OR c.relpersistence = 't') FROM pg_catalog.pg_class c \
+        "SELECT n, coalesce((SELECT bool_or(c.relrowsecurity OR c.relpersistence = 't' OR c.relkind NOT IN ('r', 'm') \
+         OR c.relhassubclass) FROM pg_catalog.pg_class c \
          JOIN pg_catalog.pg_namespace s ON s.oid = c.relnamespace, LATERAL (SELECT pg_catalog.parse_ident(n) AS p) i \
          WHERE c.relname = i.p[pg_catalog.array_length(i.p, 1)] AND (pg_catalog.array_length(i.p, 1) = 1 OR s.nspname = i.p[1])), false) \
          FROM pg_catalog.unnest(ARRAY[{}]::text[]) n",

@@ -77,6 +77,11 @@ impl Notifier {
         wire::query(&format!("NOTIFY {}, {QUOTE}{payload}{QUOTE}", self.channel))
     }
 
+    /// A listener is about to start: the cache is blind until it listens.
+    pub fn register(&self) {
+        self.down.fetch_add(1, Ordering::AcqRel);
+    }
+
     fn up(&self) {
         *self.last_error.lock() = None;
         self.down.fetch_sub(1, Ordering::AcqRel);
@@ -89,9 +94,9 @@ impl Notifier {
 }
 
 /// Runs one listener for the database of `pool` (its upstream and credentials) for as long as the process.
+/// `Notifier::register` must have counted it.
 pub async fn listen(cache: Arc<Cache>, pool: Arc<Pool>) {
     let Some(n) = cache.notifier.as_ref() else { return };
-    n.down.fetch_add(1, Ordering::AcqRel); // blind until the first LISTEN
     let mut delay = BACKOFF_START;
     loop {
         let (was_up, e) = serve(&cache, n, &pool).await;

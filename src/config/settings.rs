@@ -235,6 +235,9 @@ settings! {
 pub enum Command {
     /// Show the five fixes on a throwaway database.
     Demo(DemoArgs),
+    /// Install (or --drop) triggers that announce every write to the cache invalidation channel, so instances with
+    /// [cache] notify hear of writes that bypass pgsurge.
+    InstallTriggers(crate::cache::triggers::TriggerArgs),
 }
 
 /// Flags of `pgsurge demo` (the demo itself lives with the binary, src/demo).
