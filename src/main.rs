@@ -71,7 +71,11 @@ fn install_triggers(args: pgsurge::cache::triggers::TriggerArgs) -> ExitCode {
     };
     match rt.block_on(pgsurge::cache::triggers::run(&args)) {
         Ok(r) if args.drop => {
-            println!("pgsurge: removed the invalidation triggers of {} tables{}", r.tables, if r.event_trigger { " and the event trigger" } else { "" });
+            println!(
+                "pgsurge: removed the invalidation triggers of {} tables{}",
+                r.tables,
+                if r.event_trigger { " and the event trigger" } else { "" }
+            );
             ExitCode::SUCCESS
         }
         Ok(r) => {

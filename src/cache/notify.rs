@@ -28,6 +28,8 @@ pub struct Notifier {
     pub channel: String,
     /// This process, in every payload it sends, so it can skip its own (it voided those already).
     pub instance: String,
+    /// How its own payloads begin: recognised without parsing them.
+    own: String,
     /// Listeners registered and not listening now: while above 0 the cache is bypassed.
     down: AtomicI64,
     pub received: AtomicU64,
@@ -38,9 +40,11 @@ pub struct Notifier {
 
 impl Notifier {
     pub fn new(channel: String) -> Notifier {
+        let instance = format!("{:016x}", rand::random::<u64>());
         Notifier {
             channel,
-            instance: format!("{:016x}", rand::random::<u64>()),
+            own: format!(r#"{{"from":"{instance}""#),
+            instance,
             down: AtomicI64::new(0),
             received: AtomicU64::new(0),
             sent: AtomicU64::new(0),
@@ -139,6 +143,9 @@ async fn receive(cache: &Cache, n: &Notifier, conn: &mut ServerConn) -> Error {
             NOTIFICATION => {
                 if let Some(payload) = notification_payload(&body) {
                     n.received.fetch_add(1, Ordering::Relaxed);
+                    if payload.starts_with(&n.own) {
+                        continue;
+                    }
                     let (from, items) = decode(&payload);
                     if from.as_deref() != Some(n.instance.as_str()) {
                         for i in &items {
@@ -173,6 +180,13 @@ mod tests {
         assert!(text.starts_with("NOTIFY pgsurge_invalidate, $pgsurge_notify${"), "{text}");
         assert_eq!(text.matches("$pgsurge_notify$").count(), 2, "{text}");
         assert!(text.contains(r#""void":["*"]"#), "a payload that could close the quote voids everything: {text}");
+    }
+
+    #[test]
+    fn its_own_payloads_are_recognised_by_their_start() {
+        let n = Notifier::new("c".into());
+        assert!(encode(&n.instance, &[Invalidation::Flush]).starts_with(&n.own));
+        assert!(!encode("another", &[Invalidation::Flush]).starts_with(&n.own));
     }
 
     #[test]

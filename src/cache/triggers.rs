@@ -118,9 +118,8 @@ async fn remove(co: &mut Checkout) -> Result<Report> {
         report.event_trigger = true;
     }
     let conn = co.conn();
-    let n = conn
-        .simple_rows(&format!("SELECT count(*) FROM pg_catalog.pg_trigger WHERE tgname = '{TRIGGER}' AND NOT tgisinternal"))
-        .await?;
+    let n =
+        conn.simple_rows(&format!("SELECT count(*) FROM pg_catalog.pg_trigger WHERE tgname = '{TRIGGER}' AND NOT tgisinternal")).await?;
     report.tables = n.first().and_then(|r| r.first().cloned().flatten()).and_then(|c| c.parse().ok()).unwrap_or(0);
     // The triggers depend on the function: the schema's CASCADE takes them along.
     conn.run_own_query(&format!("DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")).await?;

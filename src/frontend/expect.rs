@@ -35,6 +35,11 @@ pub enum Expect {
         effects: Vec<Effect>,
         failed: bool,
     },
+    /// pgsurge's NOTIFY of what a request's writes voided: swallowed up to its ReadyForQuery, except an
+    /// ErrorResponse when `errors` (it ran inside the client's transaction, which it failed: the client must know).
+    Notify {
+        errors: bool,
+    },
     /// pgsurge's own statement re-applying one setting on checkout: swallowed; if it fails, `name` is unapplied.
     Setting {
         name: String,
@@ -173,6 +178,18 @@ impl Expectations {
                     _ => {}
                 }
                 return if swallow { Action::Swallow } else { Action::Forward };
+            }
+            Expect::Notify { errors } => {
+                let errors = *errors;
+                match tag {
+                    ERROR_RESPONSE if errors => return Action::Forward,
+                    ERROR_RESPONSE => tracing::warn!("pgsurge's NOTIFY of a write failed; other instances learn of the write by TTL"),
+                    READY_FOR_QUERY => {
+                        self.q.pop_front();
+                    }
+                    _ => {}
+                }
+                return Action::Swallow;
             }
             Expect::Setting { failed, name } => {
                 match tag {
@@ -410,6 +427,23 @@ mod tests {
             assert_eq!(e.on_server_frame(*t, &mut vec![], &mut done), Action::Swallow);
         }
         assert_eq!(done, vec![Effect::Unapplied { name: "search_path".into() }]);
+    }
+
+    #[test]
+    fn a_notify_is_swallowed_but_its_error_reaches_the_client_inside_its_transaction() {
+        use Action::*;
+        let mut e = Expectations::default();
+        e.push(Expect::Execute { effects: vec![] });
+        e.push(Expect::Notify { errors: true });
+        e.client_sync();
+        assert_eq!(feed(&mut e, b"CCZZ"), vec![Forward, Swallow, Swallow, Forward]);
+        assert!(e.is_empty());
+        e.push(Expect::Notify { errors: true });
+        e.client_sync();
+        assert_eq!(feed(&mut e, b"EZZ"), vec![Forward, Swallow, Forward], "a commit-time failure, as the client sees it");
+        e.push(Expect::Notify { errors: false });
+        assert_eq!(feed(&mut e, b"EZ"), vec![Swallow, Swallow], "in a transaction of its own: the client's write stands");
+        assert!(e.is_empty());
     }
 
     #[test]

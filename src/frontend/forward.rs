@@ -65,21 +65,30 @@ impl Relay {
                             let fx = sql.map(crate::sql::session::effects).unwrap_or_default();
                             cx.parts.pinned(cx.state.note_pins(&fx));
                             self.expect.push(Expect::Query { swallow: false, effects: fx, failed: false });
-                            replace = notify_after(&mut self.notify, self.copying, &mut self.expect, cx, m.raw(buf));
+                            replace = announce_at(&mut self.notify, self.copying, &mut self.expect, cx, m.raw(buf), false);
+                            if replace.is_some() {
+                                self.unnamed_here = false;
+                            }
                         }
                     }
                 }
                 SYNC => {
                     queries += 1;
                     self.unsynced = false;
+                    // In the run's own transaction when nothing of it can outlive its Sync (a suspended portal
+                    // would not survive pgsurge's simple Query): one commit for the write and its NOTIFY.
+                    let inside = !std::mem::take(&mut self.run_limited);
+                    replace = announce_at(&mut self.notify, self.copying, &mut self.expect, cx, m.raw(buf), inside);
+                    if replace.is_some() {
+                        self.unnamed_here = false; // a simple Query drops the server's unnamed statement
+                    }
                     self.expect.client_sync();
-                    replace = notify_after(&mut self.notify, self.copying, &mut self.expect, cx, m.raw(buf));
                 }
                 COPY_DONE | COPY_FAIL => {
                     self.expect.client_copy_end();
                     // A COPY begun by a simple Query has ended; one begun by Execute ends at the next Sync.
                     if std::mem::replace(&mut self.copying, Copying::No) == Copying::Simple {
-                        replace = notify_after(&mut self.notify, self.copying, &mut self.expect, cx, m.raw(buf));
+                        replace = announce_at(&mut self.notify, self.copying, &mut self.expect, cx, m.raw(buf), false);
                     }
                 }
                 PARSE => {
@@ -150,6 +159,7 @@ impl Relay {
                 }
                 EXECUTE => {
                     self.unsynced = true;
+                    self.run_limited |= matches!(m.view, View::Execute { max_rows, .. } if max_rows > 0);
                     let effects = match self.portal.clone() {
                         Some(stmt) => {
                             cx.parts.pinned(cx.state.note_pins(&stmt.effects));
@@ -259,10 +269,20 @@ fn announce(notify: &mut Vec<Invalidation>, copying: &mut Copying, inv: Invalida
     }
 }
 
-/// After a client message that ends a request (Query, Sync, CopyDone/CopyFail): the message followed by the
-/// NOTIFY of what the request's writes voided, on the same connection, so it lands in the same transaction when
-/// there is one (delivered at COMMIT, dropped on ROLLBACK). Its reply is swallowed. `None`: nothing to add.
-fn notify_after(notify: &mut Vec<Invalidation>, copying: Copying, expect: &mut Expectations, cx: &Ctx<'_>, raw: &[u8]) -> Option<BytesMut> {
+/// At a client message that ends a request (`raw`: its Query, Sync or CopyDone/CopyFail), the NOTIFY of what the
+/// request's writes voided, on the same connection, so it lands in the client's transaction when there is one
+/// (delivered at COMMIT, dropped on ROLLBACK). `inside`: before a Sync, in the run's own implicit transaction
+/// (one commit for both; if the NOTIFY fails, so did the client's transaction, and it sees the error); else after
+/// the message (an autocommit statement's NOTIFY commits on its own, right after it). Its reply is swallowed.
+/// `None`: nothing to add.
+fn announce_at(
+    notify: &mut Vec<Invalidation>,
+    copying: Copying,
+    expect: &mut Expectations,
+    cx: &Ctx<'_>,
+    raw: &[u8],
+    inside: bool,
+) -> Option<BytesMut> {
     if notify.is_empty() || copying != Copying::No {
         return None;
     }
@@ -270,9 +290,14 @@ fn notify_after(notify: &mut Vec<Invalidation>, copying: Copying, expect: &mut E
     let n = cx.parts.cache.as_ref()?.notifier.as_ref()?;
     let statement = n.statement(&items);
     let mut out = BytesMut::with_capacity(raw.len() + statement.len());
-    out.extend_from_slice(raw);
-    out.extend_from_slice(&statement);
-    expect.push(Expect::Query { swallow: true, effects: vec![], failed: false });
+    if inside {
+        out.extend_from_slice(&statement);
+        out.extend_from_slice(raw);
+    } else {
+        out.extend_from_slice(raw);
+        out.extend_from_slice(&statement);
+    }
+    expect.push(Expect::Notify { errors: inside });
     Some(out)
 }
 

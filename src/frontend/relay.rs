@@ -76,6 +76,8 @@ pub struct Relay {
     pub(super) portal_bind: Option<bytes::Bytes>,
     /// What forwarded writes voided, to announce to other instances after the request (`notify_after`).
     pub(super) notify: Vec<crate::cache::invalidation::Invalidation>,
+    /// The run being forwarded has an Execute with a row limit (its portal may be suspended past its Sync).
+    pub(super) run_limited: bool,
     /// This checkout has the client's own unnamed statement (it parsed one here).
     pub(super) unnamed_here: bool,
     /// A COPY FROM STDIN is in flight: announcements wait for its end.
@@ -100,6 +102,7 @@ impl Relay {
             notify: vec![],
             copying: super::forward::Copying::No,
             unnamed_here: false,
+            run_limited: false,
             retry: Retry::default(),
             cancel,
             wait_timer: None,
