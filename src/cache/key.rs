@@ -6,7 +6,9 @@
 //! never reused — with whether the request had a Parse and a Describe, and the Bind's parameter formats, values
 //! and result formats as sent. Also the canonical key values row-precise invalidation compares (`row_keys`).
 
-use crate::protocol::message::{bind_param, param_type};
+use crate::protocol::message::bind_param;
+#[cfg(test)]
+use crate::protocol::message::param_type;
 use crate::sql::pins::{canonical_binary, canonical_text, KeyRef};
 
 /// The key of a simple Query.
@@ -32,19 +34,24 @@ pub fn extended<'a>(buf: &'a mut Vec<u8>, pool: u32, output: u64, statement: u64
 }
 
 /// The canonical values of a pinned statement's keys (`sql::pins`), from its literals and, for `$n`, the Bind
-/// (`bind`: the body after the statement name) with the declared parameter types of its Parse (`types`).
+/// (`bind`: the body after the statement name) with the statement's parameter types (`oid`, for binary values).
 /// `None` unless every key has a strict form: then the statement is not row-precise.
-pub fn row_keys(keys: &[KeyRef], bind: Option<&[u8]>, types: &[u8]) -> Option<Vec<String>> {
+pub fn row_keys(keys: &[KeyRef], bind: Option<&[u8]>, oid: impl Fn(usize) -> u32) -> Option<Vec<String>> {
     keys.iter()
         .map(|k| match k {
             KeyRef::Literal(text) => canonical_text(text.as_bytes()),
             KeyRef::Param(i) => match bind_param(bind?, *i)? {
                 (0, Some(v)) => canonical_text(v),
-                (1, Some(v)) => canonical_binary(v, param_type(types, *i)),
+                (1, Some(v)) => canonical_binary(v, oid(*i)),
                 _ => None,
             },
         })
         .collect()
+}
+
+/// No parameter types known (a simple Query has no parameters).
+pub fn no_types(_: usize) -> u32 {
+    0
 }
 
 #[cfg(test)]
@@ -56,10 +63,11 @@ mod tests {
         let bind = b"\0\x02\0\0\0\x01\0\x02\0\0\0\x0242\0\0\0\x04\0\0\0\x07\0\0";
         let types = [0, 2, 0, 0, 0, 0, 0, 0, 0, 23];
         let keys = [KeyRef::Param(0), KeyRef::Param(1), KeyRef::Literal("9".into())];
-        assert_eq!(row_keys(&keys, Some(bind), &types), Some(vec!["42".into(), "7".into(), "9".into()]));
-        assert_eq!(row_keys(&keys, Some(bind), &[0, 0]), None, "binary of an undeclared type");
-        assert_eq!(row_keys(&[KeyRef::Literal("007".into())], None, &[]), None);
-        assert_eq!(row_keys(&[KeyRef::Param(0)], None, &[]), None);
+        let declared = |i| param_type(&types, i);
+        assert_eq!(row_keys(&keys, Some(bind), declared), Some(vec!["42".into(), "7".into(), "9".into()]));
+        assert_eq!(row_keys(&keys, Some(bind), no_types), None, "binary of an unknown type");
+        assert_eq!(row_keys(&[KeyRef::Literal("007".into())], None, no_types), None);
+        assert_eq!(row_keys(&[KeyRef::Param(0)], None, no_types), None);
     }
 
     #[test]

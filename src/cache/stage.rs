@@ -27,9 +27,9 @@ pub struct Miss<'a> {
     pub key: &'a [u8],
     pub sql: &'a [u8],
     pub analysis: &'a Analysis,
-    /// The Bind after its statement name, and the statement's declared parameter types (extended protocol).
+    /// The Bind after its statement name, and the statement (extended protocol).
     pub bind: Option<&'a [u8]>,
-    pub types: &'a [u8],
+    pub statement: Option<&'a crate::state::Statement>,
 }
 
 /// After a miss of `m.key`: whether the request may be cached and who fills it.
@@ -42,7 +42,8 @@ pub async fn miss(cache: &Arc<Cache>, pool: &Arc<Pool>, wait: Duration, m: &Miss
         return Ok(Outcome::Pass);
     }
     // A point read depends on its one row, when its key has a strict form.
-    let point = m.analysis.point_read.as_ref().and_then(|p| Some((p, row_keys(&p.keys, m.bind, m.types)?)));
+    let oid = |i| m.statement.map_or(0, |s| s.param_oid(i));
+    let point = m.analysis.point_read.as_ref().and_then(|p| Some((p, row_keys(&p.keys, m.bind, oid)?)));
     let point = point.as_ref().map(|(p, k)| Point { table: &p.table, column: &p.column, key: &k[0] });
     let (key, sql) = (m.key, m.sql);
     loop {

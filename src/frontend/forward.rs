@@ -10,7 +10,7 @@ use super::expect::{Expect, Expectations};
 use super::relay::{Ctx, Relay};
 use crate::backend::ServerConn;
 use crate::cache::invalidation::Invalidation;
-use crate::cache::key::row_keys;
+use crate::cache::key::{no_types, row_keys};
 use crate::error::Result;
 use crate::protocol::codes::*;
 use crate::protocol::message::{empty, put_bind, put_statement_target, View};
@@ -57,7 +57,7 @@ impl Relay {
                         None => {
                             if let (Some(cache), Some(sql)) = (&cx.parts.cache, sql) {
                                 let a = cx.parts.analyses.get(sql);
-                                let keys = a.write_pins.as_ref().and_then(|p| row_keys(&p.keys, None, &[]));
+                                let keys = a.write_pins.as_ref().and_then(|p| row_keys(&p.keys, None, no_types));
                                 if let Some(inv) = cx.writes.note(cache, &a, keys) {
                                     announce(&mut self.notify, &mut self.copying, inv, a.copy_in.then_some(Copying::Simple));
                                 }
@@ -139,8 +139,10 @@ impl Relay {
                             ensure_prepared(conn, &stmt, &mut self.expect, &mut b);
                             put_statement_target(&mut b, DESCRIBE, stmt.server_name.as_bytes());
                             replace = Some(b);
+                            self.describing.push_back(stmt);
                         } else if name.is_empty() {
                             replace = own_unnamed(&mut self.unnamed_here, &mut self.unnamed, &mut self.expect, cx, m.raw(buf));
+                            self.describing.extend(self.unnamed.clone());
                         }
                     }
                     let portal = matches!(m.view, View::Target { kind: b'P', .. });
@@ -165,7 +167,10 @@ impl Relay {
                             cx.parts.pinned(cx.state.note_pins(&stmt.effects));
                             if let Some(cache) = &cx.parts.cache {
                                 let a = stmt.analysis(&cx.parts.analyses);
-                                let keys = a.write_pins.as_ref().and_then(|p| row_keys(&p.keys, self.portal_bind.as_deref(), &stmt.types));
+                                let keys = a
+                                    .write_pins
+                                    .as_ref()
+                                    .and_then(|p| row_keys(&p.keys, self.portal_bind.as_deref(), |i| stmt.param_oid(i)));
                                 if let Some(inv) = cx.writes.note(cache, a, keys) {
                                     announce(&mut self.notify, &mut self.copying, inv, a.copy_in.then_some(Copying::Extended));
                                 }

@@ -76,6 +76,8 @@ pub struct Relay {
     pub(super) portal_bind: Option<bytes::Bytes>,
     /// What forwarded writes voided, to announce to other instances after the request (`notify_after`).
     pub(super) notify: Vec<crate::cache::invalidation::Invalidation>,
+    /// Statements a Describe asked about, in order: their ParameterDescriptions teach their parameter types.
+    pub(super) describing: std::collections::VecDeque<Arc<Statement>>,
     /// The run being forwarded has an Execute with a row limit (its portal may be suspended past its Sync).
     pub(super) run_limited: bool,
     /// This checkout has the client's own unnamed statement (it parsed one here).
@@ -88,6 +90,16 @@ pub struct Relay {
     wait_timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     /// `PGSURGE_LOG=pgsurge::wire=trace` was on when the session began.
     pub(super) trace: bool,
+}
+
+/// The type OIDs of a ParameterDescription body.
+fn parameter_types(body: &[u8]) -> Option<Box<[u32]>> {
+    let n = i16::from_be_bytes(body.get(..2)?.try_into().ok()?);
+    let oids = body.get(2..)?;
+    if n < 0 || oids.len() != n as usize * 4 {
+        return None;
+    }
+    Some(oids.chunks_exact(4).map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]])).collect())
 }
 
 impl Relay {
@@ -103,6 +115,7 @@ impl Relay {
             copying: super::forward::Copying::No,
             unnamed_here: false,
             run_limited: false,
+            describing: Default::default(),
             retry: Retry::default(),
             cancel,
             wait_timer: None,
@@ -270,7 +283,13 @@ impl Relay {
                 COMMAND_COMPLETE if action == Action::Forward => {
                     cx.state.commit_seen |= conn.rbuf.get(at + 5..at + 11) == Some(b"COMMIT");
                 }
+                PARAMETER_DESCRIPTION if action == Action::Forward => {
+                    if let (Some(stmt), Some(oids)) = (self.describing.pop_front(), parameter_types(&conn.rbuf[at + 5..at + n])) {
+                        stmt.described(oids);
+                    }
+                }
                 READY_FOR_QUERY if action == Action::Forward => {
+                    self.describing.clear();
                     if let Some(s) = conn.rbuf.get(at + 5).copied().and_then(TxStatus::from_byte) {
                         cx.state.ready(s, &mut conn.applied);
                         if s == TxStatus::Idle {

@@ -342,11 +342,11 @@ impl Session {
         let entry = match cache.get(key, |d, at| writes.wrote_since(d, at)) {
             Some(e) => e,
             None => {
-                let (analysis, bind, types) = match lookup {
-                    None => (self.parts.analyses.get(sql), None, &[][..]),
-                    Some((r, _, bind)) => (r.statement.analysis(&self.parts.analyses).clone(), Some(bind), &r.statement.types[..]),
+                let (analysis, bind, statement) = match lookup {
+                    None => (self.parts.analyses.get(sql), None, None),
+                    Some((r, _, bind)) => (r.statement.analysis(&self.parts.analyses).clone(), Some(bind), Some(&*r.statement)),
                 };
-                let miss = caching::Miss { key, sql, analysis: &analysis, bind, types };
+                let miss = caching::Miss { key, sql, analysis: &analysis, bind, statement };
                 match caching::miss(&cache, &self.parts.pool, self.wait_timeout, &miss, writes).await? {
                     caching::Outcome::Hit(e) => e,
                     caching::Outcome::Fill(c) => {

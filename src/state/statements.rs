@@ -30,6 +30,8 @@ pub struct Statement {
     analysis: OnceLock<Arc<Analysis>>,
     lookup: OnceLock<Option<Arc<LookupFacts>>>,
     group: OnceLock<Option<u64>>,
+    /// Parameter type OIDs a server reported for it (ParameterDescription), for those the Parse left unspecified.
+    described: OnceLock<Box<[u32]>>,
 }
 
 /// A statement of the N+1 shape (`SELECT … FROM t WHERE col = $1`) and what a server told us about it.
@@ -86,6 +88,20 @@ impl Statement {
             .as_ref()
     }
 
+    /// The type OID of parameter `i`: as the Parse declared it, else as a server described it (0: unknown).
+    pub fn param_oid(&self, i: usize) -> u32 {
+        match crate::protocol::message::param_type(&self.types, i) {
+            0 => self.described.get().and_then(|d| d.get(i).copied()).unwrap_or(0),
+            oid => oid,
+        }
+    }
+
+    /// What a server said the parameter types are (the first description is kept: they depend only on the text,
+    /// the declared types and the tables it names, and a mismatch can only make a key unusable, see sql::pins).
+    pub fn described(&self, oids: Box<[u32]>) {
+        let _ = self.described.set(oids);
+    }
+
     /// The fingerprint group N+1 reports use (never a cache key).
     pub fn group(&self) -> Option<u64> {
         *self.group.get_or_init(|| crate::sql::fingerprint_group(&String::from_utf8_lossy(&self.query)))
@@ -140,6 +156,7 @@ impl Registry {
             analysis: OnceLock::new(),
             lookup: OnceLock::new(),
             group: OnceLock::new(),
+            described: OnceLock::new(),
         });
         map.insert(key, Arc::downgrade(&s));
         s
