@@ -9,8 +9,8 @@
 //! Tables are known by their bare relation name (`s.t` and `t` are one), which can only void too much. An epoch,
 //! bumped by DDL, privileges and role changes, voids everything.
 
-use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
+use foldhash::HashMap;
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -96,7 +96,10 @@ impl Default for Generations {
 
 /// The name a table's generation is kept under: its relation name without schema or database.
 pub fn bare(name: &str) -> &str {
-    name.rsplit('.').next().unwrap_or(name)
+    match name.bytes().rposition(|b| b == b'.') {
+        Some(dot) => &name[dot + 1..],
+        None => name,
+    }
 }
 
 impl Generations {
@@ -125,10 +128,8 @@ impl Generations {
 
     /// The slot of one key's generation.
     pub fn slot(&self, table: &str, column: &str, key: &str) -> usize {
-        // A fixed hash: a chosen collision can only void an entry too soon.
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        (bare(table), column, key).hash(&mut h);
-        h.finish() as usize % SLOTS
+        // Slots are this process's own (payloads carry keys); a chosen collision can only void an entry too soon.
+        foldhash::fast::FixedState::default().hash_one((bare(table), column, key)) as usize % SLOTS
     }
 
     /// The dependencies of a fill that begins now, reading `tables` (one of them, maybe, only at `point`).

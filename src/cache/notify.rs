@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use parking_lot::Mutex;
 
 use super::invalidation::{decode, encode, Invalidation};
@@ -17,7 +17,6 @@ use super::Cache;
 use crate::backend::{Pool, ServerConn};
 use crate::error::Error;
 use crate::protocol::codes::*;
-use crate::protocol::encode as wire;
 use crate::protocol::frame::get_cstr;
 
 /// Retry delays of a listener that lost its connection.
@@ -78,7 +77,14 @@ impl Notifier {
             payload = encode(&self.instance, &[Invalidation::Flush]);
         }
         self.sent.fetch_add(1, Ordering::Relaxed);
-        wire::query(&format!("NOTIFY {}, {QUOTE}{payload}{QUOTE}", self.channel))
+        let len = 4 + "NOTIFY ".len() + self.channel.len() + 2 + 2 * QUOTE.len() + payload.len() + 1;
+        let mut b = BytesMut::with_capacity(1 + len);
+        b.put_u8(QUERY);
+        b.put_u32(len as u32);
+        for part in ["NOTIFY ", &self.channel, ", ", QUOTE, &payload, QUOTE, "\0"] {
+            b.put_slice(part.as_bytes());
+        }
+        b.freeze()
     }
 
     /// A listener is about to start: the cache is blind until it listens.
@@ -143,10 +149,10 @@ async fn receive(cache: &Cache, n: &Notifier, conn: &mut ServerConn) -> Error {
             NOTIFICATION => {
                 if let Some(payload) = notification_payload(&body) {
                     n.received.fetch_add(1, Ordering::Relaxed);
-                    if payload.starts_with(&n.own) {
+                    if payload.starts_with(n.own.as_bytes()) {
                         continue;
                     }
-                    let (from, items) = decode(&payload);
+                    let (from, items) = decode(&String::from_utf8_lossy(payload));
                     if from.as_deref() != Some(n.instance.as_str()) {
                         for i in &items {
                             cache.apply(i);
@@ -161,11 +167,10 @@ async fn receive(cache: &Cache, n: &Notifier, conn: &mut ServerConn) -> Error {
 }
 
 /// The payload of a NotificationResponse body (sender pid, channel, payload).
-fn notification_payload(body: &BytesMut) -> Option<String> {
+fn notification_payload(body: &[u8]) -> Option<&[u8]> {
     let mut b = body.get(4..)?;
     get_cstr(&mut b)?;
-    let payload = get_cstr(&mut b)?;
-    Some(String::from_utf8_lossy(payload).into_owned())
+    get_cstr(&mut b)
 }
 
 #[cfg(test)]
@@ -176,6 +181,7 @@ mod tests {
     fn the_notify_statement_quotes_its_payload_whatever_it_holds() {
         let n = Notifier::new("pgsurge_invalidate".into());
         let q = n.statement(&[Invalidation::Tables(vec!["odd$pgsurge_notify$name".into()])]);
+        assert_eq!(u32::from_be_bytes([q[1], q[2], q[3], q[4]]) as usize, q.len() - 1, "its length");
         let text = String::from_utf8_lossy(&q[5..q.len() - 1]).into_owned();
         assert!(text.starts_with("NOTIFY pgsurge_invalidate, $pgsurge_notify${"), "{text}");
         assert_eq!(text.matches("$pgsurge_notify$").count(), 2, "{text}");
@@ -193,7 +199,7 @@ mod tests {
     fn a_notification_body_gives_its_payload() {
         let mut b = BytesMut::from(&[0u8, 0, 0, 42][..]);
         b.extend_from_slice(b"pgsurge_invalidate\0{\"void\":[\"*\"]}\0");
-        assert_eq!(notification_payload(&b).as_deref(), Some(r#"{"void":["*"]}"#));
+        assert_eq!(notification_payload(&b), Some(&br#"{"void":["*"]}"#[..]));
         assert_eq!(notification_payload(&BytesMut::from(&b"\0\0"[..])), None);
     }
 }

@@ -64,7 +64,7 @@ mod tests {
     #[test]
     fn deallocate_names_fold_like_identifiers() {
         let registry = crate::state::Registry::default();
-        let mut stmts = Statements::new();
+        let mut stmts = Statements::default();
         for name in ["s1", "S1"] {
             stmts.insert(Bytes::from(name), registry.intern(b"SELECT 1", b"\0\0"));
         }
