@@ -153,12 +153,30 @@ impl App {
     }
 
     /// With `[cache] notify`: the first pool of a database starts that database's invalidation listener, which
-    /// logs in as that pool does.
+    /// logs in as that pool does. It runs on a thread of its own, so a notification is applied as soon as it
+    /// arrives rather than after the client requests queued on the workers (the window in which another
+    /// instance's write can still be answered from memory); it ends with the App.
     fn listen_for(&self, pool: &Arc<Pool>) {
         let Some((cache, n)) = self.cache.as_ref().and_then(|c| Some((c, c.notifier.as_ref()?))) else { return };
-        if self.listeners.lock().insert(pool.key.database.clone()) {
-            n.register();
-            tokio::spawn(crate::cache::notify::listen(cache.clone(), pool.clone()));
+        if !self.listeners.lock().insert(pool.key.database.clone()) {
+            return;
+        }
+        n.register();
+        let (cache, pool, mut gone) = (cache.clone(), pool.clone(), self.shutdown.subscribe());
+        let run = async move {
+            tokio::select! {
+                _ = crate::cache::notify::listen(cache, pool) => {}
+                _ = async { while gone.changed().await.is_ok() {} } => {}
+            }
+        };
+        let thread = std::thread::Builder::new().name("pgsurge-listen".into()).spawn(move || {
+            match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt.block_on(run),
+                Err(e) => tracing::error!(error = %e, "cache invalidation listener: no runtime; the cache stays bypassed"),
+            }
+        });
+        if let Err(e) = thread {
+            tracing::error!(error = %e, "cache invalidation listener: no thread; the cache stays bypassed");
         }
     }
 
