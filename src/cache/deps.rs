@@ -9,7 +9,7 @@
 //! Tables are known by their bare relation name (`s.t` and `t` are one), which can only void too much. An epoch,
 //! bumped by DDL, privileges and role changes, voids everything.
 
-use foldhash::HashMap;
+use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

@@ -14,7 +14,7 @@ pub mod stage;
 pub mod triggers;
 pub mod writes;
 
-use foldhash::HashMap;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -139,8 +139,8 @@ impl Cache {
             generations: Generations::default(),
             inflight: Mutex::default(),
             stats,
-            statements: Mutex::new(HashMap::default()),
-            flags: Mutex::new(HashMap::default()),
+            statements: Mutex::new(HashMap::new()),
+            flags: Mutex::new(HashMap::new()),
         }
     }
 

@@ -4,7 +4,7 @@
 //! privileges and anything opaque void everything. The session never reads an entry filled before its own write
 //! to one of its tables (read-your-writes). What each write voided is returned, for other instances.
 
-use foldhash::HashMap;
+use std::collections::HashMap;
 
 use tokio::time::Instant;
 

@@ -13,7 +13,7 @@ use crate::protocol::codes::TxStatus;
 use crate::sql::session::{Effect, Pin};
 
 /// A client's named prepared statements, by the name it gave them.
-pub type Statements = foldhash::HashMap<Bytes, Arc<Statement>>;
+pub type Statements = std::collections::HashMap<Bytes, Arc<Statement>>;
 
 pub struct SessionState {
     /// Settings this client expects on whatever server it lands on. Shared (`Arc`) with every session of the pool

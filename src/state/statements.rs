@@ -118,7 +118,7 @@ fn could_be_lookup(sql: &[u8]) -> bool {
 
 /// The process-wide statement registry. Entries die with the last client that uses them.
 pub struct Registry {
-    map: Mutex<foldhash::HashMap<(Bytes, Bytes), Weak<Statement>>>,
+    map: Mutex<std::collections::HashMap<(Bytes, Bytes), Weak<Statement>>>,
     next: AtomicU64,
     /// Random per process, in every server-side name: a client cannot name (Bind, Close, DEALLOCATE) a statement
     /// pgsurge prepared for other clients.
