@@ -94,26 +94,50 @@ pub struct Cache {
     inflight: Mutex<foldhash::HashMap<Bytes, Arc<Notify>>>,
     pub stats: Arc<CacheStats>,
     statements: Mutex<HashMap<Bytes, Arc<StatementStats>>>,
-    /// Per table name: has row-level security or is temporary (true) or neither (false), and when checked.
-    flags: Mutex<HashMap<String, (bool, Instant)>>,
+    /// Per table name: what the catalog said of it (`TableFacts`), and when.
+    facts: Mutex<HashMap<String, (Arc<TableFacts>, Instant)>>,
 }
 
-/// How long a table's row-security / temporary flag is trusted before it is looked up again.
-const FLAGS_TTL: Duration = Duration::from_secs(30);
+/// How long what the catalog said of a table is trusted before it is looked up again.
+const FACTS_TTL: Duration = Duration::from_secs(30);
 
-/// The catalog lookup behind `flags`: any relation of that name (in that schema, if qualified) that has row-level
-/// security, is temporary, is not a plain table or materialized view (a view or a foreign table changes when other
-/// tables do, or outside Postgres), or has partitions or inheritance children (writes to a child change what the
-/// parent reads) counts. An unknown name (a CTE) matches nothing and is false.
-pub fn flags_sql(tables: &[String]) -> String {
+/// What the catalog says of a table name (any relation of that name, in that schema if qualified; an unknown
+/// name, such as a CTE's, matches nothing).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct TableFacts {
+    /// Not cached unless a rule opts in: row-level security, temporary, not a plain table or materialized view
+    /// (a view or a foreign table changes when other tables do, or outside Postgres), or with partitions or
+    /// inheritance children (writes to a child change what the parent reads).
+    pub refused: bool,
+    /// A write to one row may change others of the same table: a user trigger, a rule, or a foreign key to
+    /// itself with a cascading action. Reads by key are then only as fresh as the whole table.
+    pub side_effects: bool,
+    /// Tables whose writes cascade into this one through foreign keys with ON DELETE/UPDATE CASCADE, SET NULL
+    /// or SET DEFAULT, transitively (bare names): its readers depend on them too.
+    pub parents: Vec<String>,
+}
+
+/// The catalog lookup behind `TableFacts`: one row per (name, parent), a name without parents once.
+pub fn facts_sql(tables: &[String]) -> String {
     let list: Vec<String> = tables.iter().map(|t| format!("'{}'", t.replace('\'', "''"))).collect();
+    const CASCADES: &str = "k.contype = 'f' AND (k.confdeltype IN ('c', 'n', 'd') OR k.confupdtype IN ('c', 'n', 'd'))";
     format!(
-        "SELECT n, coalesce((SELECT bool_or(c.relrowsecurity OR c.relpersistence = 't' OR c.relkind NOT IN ('r', 'm') \
-         OR c.relhassubclass) FROM pg_catalog.pg_class c \
-         JOIN pg_catalog.pg_namespace s ON s.oid = c.relnamespace, LATERAL (SELECT pg_catalog.parse_ident(n) AS p) i \
-         WHERE c.relname = i.p[pg_catalog.array_length(i.p, 1)] AND (pg_catalog.array_length(i.p, 1) = 1 OR s.nspname = i.p[1])), false) \
-         FROM pg_catalog.unnest(ARRAY[{}]::text[]) n",
-        list.join(",")
+        "SELECT n.n, coalesce(f.refused, false), coalesce(f.side, false), u.parent \
+         FROM pg_catalog.unnest(ARRAY[{}]::text[]) AS n(n) \
+         LEFT JOIN LATERAL (SELECT \
+           bool_or(c.relrowsecurity OR c.relpersistence = 't' OR c.relkind NOT IN ('r', 'm') OR c.relhassubclass) AS refused, \
+           bool_or(c.relhasrules OR EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t WHERE t.tgrelid = c.oid AND NOT t.tgisinternal \
+             AND t.tgname <> '{}')) AS side, \
+           pg_catalog.array_agg(c.oid) AS oids \
+           FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace s ON s.oid = c.relnamespace, \
+             LATERAL (SELECT pg_catalog.parse_ident(n.n) AS p) i \
+           WHERE c.relname = i.p[pg_catalog.array_length(i.p, 1)] AND (pg_catalog.array_length(i.p, 1) = 1 OR s.nspname = i.p[1])) f ON true \
+         LEFT JOIN LATERAL (WITH RECURSIVE up(rel) AS ( \
+             SELECT k.confrelid FROM pg_catalog.pg_constraint k WHERE {CASCADES} AND k.conrelid = ANY(f.oids) \
+             UNION SELECT k.confrelid FROM pg_catalog.pg_constraint k JOIN up ON k.conrelid = up.rel WHERE {CASCADES}) \
+           SELECT p.relname::text AS parent FROM up JOIN pg_catalog.pg_class p ON p.oid = up.rel) u ON true",
+        list.join(","),
+        triggers::TRIGGER,
     )
 }
 
@@ -140,7 +164,7 @@ impl Cache {
             inflight: Mutex::default(),
             stats,
             statements: Mutex::new(HashMap::new()),
-            flags: Mutex::new(HashMap::new()),
+            facts: Mutex::new(HashMap::new()),
         }
     }
 
@@ -242,32 +266,39 @@ impl Cache {
 
     /// DDL, privileges, roles: everything is void.
     pub fn flush(&self) {
-        self.flags.lock().clear();
+        self.facts.lock().clear();
         self.generations.flush();
         self.stats.flushes.fetch_add(1, Ordering::Relaxed);
         self.store.clear();
     }
 
-    /// Whether any of `tables` has row-level security or is temporary; None if one was not looked up lately.
-    pub fn flagged(&self, tables: &[String]) -> Option<bool> {
-        let f = self.flags.lock();
-        let mut any = false;
-        for t in tables {
-            match f.get(t) {
-                Some((flag, at)) if at.elapsed() < FLAGS_TTL => any |= flag,
-                _ => return None,
-            }
-        }
-        Some(any)
+    /// What the catalog said of each of `tables`; None if one was not looked up lately.
+    pub fn facts(&self, tables: &[String]) -> Option<Vec<Arc<TableFacts>>> {
+        let f = self.facts.lock();
+        tables.iter().map(|t| f.get(t).filter(|(_, at)| at.elapsed() < FACTS_TTL).map(|(facts, _)| facts.clone())).collect()
     }
 
-    pub fn record_flags(&self, rows: Vec<Vec<Option<String>>>) {
-        let now = Instant::now();
-        let mut f = self.flags.lock();
+    /// Records the rows of `facts_sql`.
+    pub fn record_facts(&self, rows: Vec<Vec<Option<String>>>) {
+        let mut found: HashMap<String, TableFacts> = HashMap::new();
         for r in rows {
-            if let [Some(name), Some(flag)] = r.as_slice() {
-                f.insert(name.clone(), (flag == "t", now));
+            if let [Some(name), Some(refused), Some(side), parent] = r.as_slice() {
+                let f = found.entry(name.clone()).or_default();
+                f.refused = refused == "t";
+                f.side_effects |= side == "t";
+                if let Some(p) = parent {
+                    // A cascade from the table into itself changes other rows of it.
+                    f.side_effects |= p == deps::bare(name);
+                    if !f.parents.contains(p) {
+                        f.parents.push(p.clone());
+                    }
+                }
             }
+        }
+        let now = Instant::now();
+        let mut f = self.facts.lock();
+        for (name, facts) in found {
+            f.insert(name, (Arc::new(facts), now));
         }
     }
 

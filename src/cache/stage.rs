@@ -9,7 +9,7 @@ use super::capture::Capture;
 use super::deps::Point;
 use super::key::row_keys;
 use super::writes::Writes;
-use super::{policy, Cache, Entry, Lookup};
+use super::{policy, Cache, Entry, Lookup, TableFacts};
 use crate::backend::{Pool, ReleaseState};
 use crate::error::Result;
 use crate::sql::Analysis;
@@ -38,19 +38,29 @@ pub async fn miss(cache: &Arc<Cache>, pool: &Arc<Pool>, wait: Duration, m: &Miss
         return Ok(Outcome::Pass);
     }
     let Some(decision) = policy::decide(&cache.config, m.sql, m.analysis) else { return Ok(Outcome::Pass) };
-    if !decision.opted_in && flagged(cache, pool, wait, &decision.tables).await? {
+    let Some(facts) = facts(cache, pool, wait, &decision.tables).await? else { return Ok(Outcome::Pass) };
+    if !decision.opted_in && facts.iter().any(|f| f.refused) {
         return Ok(Outcome::Pass);
     }
-    // A point read depends on its one row, when its key has a strict form.
+    // A point read depends on its one row, when its key has a strict form and a write to one row of its table
+    // changes no other.
     let oid = |i| m.statement.map_or(0, |s| s.param_oid(i));
-    let point = m.analysis.point_read.as_ref().and_then(|p| Some((p, row_keys(&p.keys, m.bind, oid)?)));
+    let precise = !facts.iter().any(|f| f.side_effects);
+    let point = m.analysis.point_read.as_ref().filter(|_| precise).and_then(|p| Some((p, row_keys(&p.keys, m.bind, oid)?)));
     let point = point.as_ref().map(|(p, k)| Point { table: &p.table, column: &p.column, key: &k[0] });
+    // What cascades into the tables read is read too.
+    let mut tables = decision.tables.clone();
+    for p in facts.iter().flat_map(|f| &f.parents) {
+        if !tables.contains(p) {
+            tables.push(p.clone());
+        }
+    }
     let (key, sql) = (m.key, m.sql);
     loop {
         match cache.lookup(key, sql, |d, at| writes.wrote_since(d, at)) {
             Lookup::Hit(e) => return Ok(Outcome::Hit(e)),
             Lookup::Fill(fill) => {
-                let deps = cache.generations.snapshot(&decision.tables, point);
+                let deps = cache.generations.snapshot(&tables, point);
                 return Ok(Outcome::Fill(Capture::new(cache.clone(), fill, deps, decision.ttl)));
             }
             Lookup::Wait(notify) => {
@@ -66,26 +76,26 @@ pub async fn miss(cache: &Arc<Cache>, pool: &Arc<Pool>, wait: Duration, m: &Miss
     }
 }
 
-/// Whether one of `tables` has row-level security or is temporary: looked up in the catalog once (then every
-/// 30 s) on a server connection of the client's pool. A failed lookup counts as flagged (not cached).
-async fn flagged(cache: &Cache, pool: &Arc<Pool>, wait: Duration, tables: &[String]) -> Result<bool> {
-    if let Some(f) = cache.flagged(tables) {
-        return Ok(f);
+/// What the catalog says of `tables`: looked up once (then every 30 s) on a server connection of the client's
+/// pool. None if the lookup failed (then the read is not cached).
+async fn facts(cache: &Cache, pool: &Arc<Pool>, wait: Duration, tables: &[String]) -> Result<Option<Vec<Arc<TableFacts>>>> {
+    if let Some(f) = cache.facts(tables) {
+        return Ok(Some(f));
     }
     let mut co = match pool.checkout(wait).await {
         Ok(co) => co,
         Err(e) => {
-            tracing::debug!(error = %e, "no server for the row-level security lookup; not caching");
-            return Ok(true);
+            tracing::debug!(error = %e, "no server for the catalog lookup; not caching");
+            return Ok(None);
         }
     };
-    match co.conn().simple_rows(&super::flags_sql(tables)).await {
+    match co.conn().simple_rows(&super::facts_sql(tables)).await {
         Ok(rows) => {
             co.state = ReleaseState::Clean;
-            cache.record_flags(rows);
+            cache.record_facts(rows);
         }
-        Err(e) => tracing::warn!(error = %e, "row-level security lookup failed; not caching"),
+        Err(e) => tracing::warn!(error = %e, "catalog lookup of the tables read failed; not caching"),
     }
     drop(co);
-    Ok(cache.flagged(tables).unwrap_or(true))
+    Ok(cache.facts(tables))
 }

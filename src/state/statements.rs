@@ -116,9 +116,16 @@ fn could_be_lookup(sql: &[u8]) -> bool {
     starts && sql.contains(&b'=') && sql.contains(&b'$')
 }
 
-/// The process-wide statement registry. Entries die with the last client that uses them.
+/// Statements kept alive after their last client let go, newest first out last: a driver that prepares and closes
+/// a statement around every query (tokio-postgres' `query(&str)`) gets the same statement, so the same cache keys
+/// and learned facts, each time.
+const RECENT: usize = 1024;
+
+/// The process-wide statement registry. Entries die with the last client that uses them and once `RECENT` newer
+/// statements were made.
 pub struct Registry {
     map: Mutex<std::collections::HashMap<(Bytes, Bytes), Weak<Statement>>>,
+    recent: Mutex<std::collections::VecDeque<Arc<Statement>>>,
     next: AtomicU64,
     /// Random per process, in every server-side name: a client cannot name (Bind, Close, DEALLOCATE) a statement
     /// pgsurge prepared for other clients.
@@ -127,7 +134,12 @@ pub struct Registry {
 
 impl Default for Registry {
     fn default() -> Registry {
-        Registry { map: Mutex::default(), next: AtomicU64::new(0), prefix: format!("{:016x}", rand::random::<u64>()) }
+        Registry {
+            map: Mutex::default(),
+            recent: Mutex::default(),
+            next: AtomicU64::new(0),
+            prefix: format!("{:016x}", rand::random::<u64>()),
+        }
     }
 }
 
@@ -159,6 +171,11 @@ impl Registry {
             described: OnceLock::new(),
         });
         map.insert(key, Arc::downgrade(&s));
+        let mut recent = self.recent.lock();
+        if recent.len() == RECENT {
+            recent.pop_front();
+        }
+        recent.push_back(s.clone());
         s
     }
 
@@ -186,6 +203,18 @@ mod tests {
         assert_ne!(a.server_name, c.server_name);
         let (name, q, types) = parse_view(&a.parse[5..]).unwrap();
         assert_eq!((name, q, types), (a.server_name.as_bytes(), &b"SELECT $1"[..], &[0, 1, 0, 0, 0, 23][..]));
+    }
+
+    #[test]
+    fn a_statement_outlives_its_last_client_until_many_newer_ones_were_made() {
+        let r = Registry::default();
+        let id = r.intern(b"SELECT 1", &[0, 0]).id;
+        assert_eq!(r.intern(b"SELECT 1", &[0, 0]).id, id, "prepared again after every client closed it");
+        for i in 0..RECENT {
+            r.intern(format!("SELECT {i} + 1").as_bytes(), &[0, 0]);
+        }
+        assert_ne!(r.intern(b"SELECT 1", &[0, 0]).id, id, "then it is gone");
+        assert!(r.len() <= RECENT);
     }
 
     #[test]

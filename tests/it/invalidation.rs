@@ -72,6 +72,8 @@ async fn a_write_through_one_instance_voids_the_entry_another_instance_holds() {
     let (a, b) = (instance(Some(&channel)).await, instance(Some(&channel)).await);
     let (ca, cb) = (a.client().await, b.client().await);
     let t = table(&ca).await;
+    // B hears of the table's creation (it voids everything) before it reads.
+    assert!(eventually(Duration::from_secs(2), || async { received(&b) >= 1 }).await);
     let read = format!("SELECT v FROM {t} WHERE id = 7");
     for _ in 0..3 {
         assert_eq!(one(&cb, &read).await, "7");
@@ -139,6 +141,62 @@ async fn a_write_pinned_by_key_voids_its_rows_and_the_table_s_other_readers_only
     assert_eq!(count(&row2).await, c2, "another key of the same column stays cached");
     assert_eq!(count(&total).await, ct + 1, "a whole-table reader is voided");
     assert!(count(&by_grp).await <= cg + 1, "a read by another column may be voided");
+}
+
+/// Writes pinned to one row whose effects reach other rows: a foreign key cascading into its own table, one
+/// cascading into another table, a trigger updating a neighbour. The catalog says so, and the reads stay fresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_pinned_to_one_row_whose_cascades_and_triggers_reach_others_voids_those_too() {
+    let p = instance(None).await;
+    let c = p.client().await;
+    let (tree, parent, child, audited) = (unique("tree"), unique("par"), unique("chi"), unique("aud"));
+    c.batch_execute(&format!(
+        "CREATE TABLE {tree}(id int PRIMARY KEY, up int REFERENCES {tree} ON DELETE CASCADE); \
+         INSERT INTO {tree} VALUES (1, NULL), (2, 1), (3, 2); \
+         CREATE TABLE {parent}(id int PRIMARY KEY); INSERT INTO {parent} VALUES (1), (2); \
+         CREATE TABLE {child}(id int PRIMARY KEY, p int REFERENCES {parent} ON DELETE CASCADE); \
+         INSERT INTO {child} VALUES (10, 1), (20, 2); \
+         CREATE TABLE {audited}(id int PRIMARY KEY, v int); INSERT INTO {audited} VALUES (1, 0), (2, 0); \
+         CREATE FUNCTION {audited}_f() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+           UPDATE {audited} SET v = v + 1 WHERE id = 2 AND NEW.id <> 2; RETURN NULL; END $$; \
+         CREATE TRIGGER t AFTER UPDATE ON {audited} FOR EACH ROW EXECUTE FUNCTION {audited}_f()"
+    ))
+    .await
+    .unwrap();
+    // Point reads (plain columns by key), as row-precise invalidation knows them; each answers how many rows
+    // it found, or for the audited table the value.
+    let reads = [
+        (format!("SELECT id FROM {tree} WHERE id = $1"), 3i32),
+        (format!("SELECT id FROM {child} WHERE id = $1"), 10),
+        (format!("SELECT id FROM {child} WHERE p = $1"), 1),
+        (format!("SELECT v FROM {audited} WHERE id = $1"), 2),
+    ];
+    let read = |i: usize| {
+        let (sql, k) = reads[i].clone();
+        let c = &c;
+        async move {
+            let rows = c.query(&sql, &[&k]).await.unwrap();
+            if i == 3 {
+                rows[0].get::<_, i32>(0) as usize
+            } else {
+                rows.len()
+            }
+        }
+    };
+    for i in 0..reads.len() {
+        read(i).await;
+    }
+    let cache = p.app.cache.as_ref().unwrap();
+    let hits = cache.stats.hits.load(Ordering::Relaxed);
+    assert_eq!((read(0).await, read(1).await, read(2).await, read(3).await), (1, 1, 1, 0));
+    assert_eq!(cache.stats.hits.load(Ordering::Relaxed), hits + 4, "all four answered from memory");
+
+    c.execute(&format!("DELETE FROM {tree} WHERE id = $1"), &[&1i32]).await.unwrap();
+    assert_eq!(read(0).await, 0, "row 3 went with row 1, by cascade within the table");
+    c.execute(&format!("DELETE FROM {parent} WHERE id = $1"), &[&1i32]).await.unwrap();
+    assert_eq!((read(1).await, read(2).await), (0, 0), "the child rows went with their parent");
+    c.execute(&format!("UPDATE {audited} SET v = 5 WHERE id = $1"), &[&1i32]).await.unwrap();
+    assert_eq!(read(3).await, 1, "the trigger changed row 2");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
