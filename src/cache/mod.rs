@@ -112,8 +112,9 @@ pub struct TableFacts {
     /// A write to one row may change others of the same table: a user trigger, a rule, or a foreign key to
     /// itself with a cascading action. Reads by key are then only as fresh as the whole table.
     pub side_effects: bool,
-    /// Tables whose writes cascade into this one through foreign keys with ON DELETE/UPDATE CASCADE, SET NULL
-    /// or SET DEFAULT, transitively (bare names): its readers depend on them too.
+    /// Tables whose writes reach this one, transitively (bare names): through foreign keys with ON DELETE/UPDATE
+    /// CASCADE, SET NULL or SET DEFAULT, and the parents of a partition or inheritance child (a write to the
+    /// parent can land in it). Its readers depend on them too.
     pub parents: Vec<String>,
 }
 
@@ -132,9 +133,11 @@ pub fn facts_sql(tables: &[String]) -> String {
            FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace s ON s.oid = c.relnamespace, \
              LATERAL (SELECT pg_catalog.parse_ident(n.n) AS p) i \
            WHERE c.relname = i.p[pg_catalog.array_length(i.p, 1)] AND (pg_catalog.array_length(i.p, 1) = 1 OR s.nspname = i.p[1])) f ON true \
-         LEFT JOIN LATERAL (WITH RECURSIVE up(rel) AS ( \
-             SELECT k.confrelid FROM pg_catalog.pg_constraint k WHERE {CASCADES} AND k.conrelid = ANY(f.oids) \
-             UNION SELECT k.confrelid FROM pg_catalog.pg_constraint k JOIN up ON k.conrelid = up.rel WHERE {CASCADES}) \
+         LEFT JOIN LATERAL (WITH RECURSIVE edges(child, parent) AS ( \
+             SELECT k.conrelid, k.confrelid FROM pg_catalog.pg_constraint k WHERE {CASCADES} \
+             UNION ALL SELECT i.inhrelid, i.inhparent FROM pg_catalog.pg_inherits i), \
+           up(rel) AS (SELECT e.parent FROM edges e WHERE e.child = ANY(f.oids) \
+             UNION SELECT e.parent FROM edges e JOIN up ON e.child = up.rel) \
            SELECT p.relname::text AS parent FROM up JOIN pg_catalog.pg_class p ON p.oid = up.rel) u ON true",
         list.join(","),
         triggers::TRIGGER,

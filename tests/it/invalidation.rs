@@ -144,12 +144,13 @@ async fn a_write_pinned_by_key_voids_its_rows_and_the_table_s_other_readers_only
 }
 
 /// Writes pinned to one row whose effects reach other rows: a foreign key cascading into its own table, one
-/// cascading into another table, a trigger updating a neighbour. The catalog says so, and the reads stay fresh.
+/// cascading into another table, a trigger updating a neighbour, a write to a partitioned table landing in a
+/// partition read directly. The catalog says so, and the reads stay fresh.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_pinned_to_one_row_whose_cascades_and_triggers_reach_others_voids_those_too() {
     let p = instance(None).await;
     let c = p.client().await;
-    let (tree, parent, child, audited) = (unique("tree"), unique("par"), unique("chi"), unique("aud"));
+    let (tree, parent, child, audited, parted) = (unique("tree"), unique("par"), unique("chi"), unique("aud"), unique("prt"));
     c.batch_execute(&format!(
         "CREATE TABLE {tree}(id int PRIMARY KEY, up int REFERENCES {tree} ON DELETE CASCADE); \
          INSERT INTO {tree} VALUES (1, NULL), (2, 1), (3, 2); \
@@ -159,7 +160,10 @@ async fn a_write_pinned_to_one_row_whose_cascades_and_triggers_reach_others_void
          CREATE TABLE {audited}(id int PRIMARY KEY, v int); INSERT INTO {audited} VALUES (1, 0), (2, 0); \
          CREATE FUNCTION {audited}_f() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
            UPDATE {audited} SET v = v + 1 WHERE id = 2 AND NEW.id <> 2; RETURN NULL; END $$; \
-         CREATE TRIGGER t AFTER UPDATE ON {audited} FOR EACH ROW EXECUTE FUNCTION {audited}_f()"
+         CREATE TRIGGER t AFTER UPDATE ON {audited} FOR EACH ROW EXECUTE FUNCTION {audited}_f(); \
+         CREATE TABLE {parted}(id int, v int) PARTITION BY RANGE (id); \
+         CREATE TABLE {parted}_1 PARTITION OF {parted} FOR VALUES FROM (0) TO (100); \
+         INSERT INTO {parted} VALUES (1, 0)"
     ))
     .await
     .unwrap();
@@ -170,13 +174,14 @@ async fn a_write_pinned_to_one_row_whose_cascades_and_triggers_reach_others_void
         (format!("SELECT id FROM {child} WHERE id = $1"), 10),
         (format!("SELECT id FROM {child} WHERE p = $1"), 1),
         (format!("SELECT v FROM {audited} WHERE id = $1"), 2),
+        (format!("SELECT v FROM {parted}_1 WHERE id = $1"), 1),
     ];
     let read = |i: usize| {
         let (sql, k) = reads[i].clone();
         let c = &c;
         async move {
             let rows = c.query(&sql, &[&k]).await.unwrap();
-            if i == 3 {
+            if i >= 3 {
                 rows[0].get::<_, i32>(0) as usize
             } else {
                 rows.len()
@@ -188,8 +193,8 @@ async fn a_write_pinned_to_one_row_whose_cascades_and_triggers_reach_others_void
     }
     let cache = p.app.cache.as_ref().unwrap();
     let hits = cache.stats.hits.load(Ordering::Relaxed);
-    assert_eq!((read(0).await, read(1).await, read(2).await, read(3).await), (1, 1, 1, 0));
-    assert_eq!(cache.stats.hits.load(Ordering::Relaxed), hits + 4, "all four answered from memory");
+    assert_eq!((read(0).await, read(1).await, read(2).await, read(3).await, read(4).await), (1, 1, 1, 0, 0));
+    assert_eq!(cache.stats.hits.load(Ordering::Relaxed), hits + 5, "all five answered from memory");
 
     c.execute(&format!("DELETE FROM {tree} WHERE id = $1"), &[&1i32]).await.unwrap();
     assert_eq!(read(0).await, 0, "row 3 went with row 1, by cascade within the table");
@@ -197,6 +202,8 @@ async fn a_write_pinned_to_one_row_whose_cascades_and_triggers_reach_others_void
     assert_eq!((read(1).await, read(2).await), (0, 0), "the child rows went with their parent");
     c.execute(&format!("UPDATE {audited} SET v = 5 WHERE id = $1"), &[&1i32]).await.unwrap();
     assert_eq!(read(3).await, 1, "the trigger changed row 2");
+    c.execute(&format!("UPDATE {parted} SET v = 7 WHERE id = $1"), &[&1i32]).await.unwrap();
+    assert_eq!(read(4).await, 7, "a write through the partitioned table changed its partition");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
