@@ -19,12 +19,13 @@
 #   MODE [extended] pgbench -M (PgBouncer 1.18 has no prepared statements in transaction mode)
 #   VARIANTS ["same-table other-table"]   TARGETS ["direct pgbouncer pgsurge pgsurge-cache"]
 #   CACHE_TTL [pgsurge's default, 1s] `[cache] default_ttl` of the cache-on pgsurge
+#   CACHE_NOTIFY [0] 1: the cache-on pgsurge also runs `--cache-notify` (announces its writes through Postgres)
 #   CHECK_PACE_MS [5] pause between staleness-checker iterations   PGSURGE_BIN   RESULTS [bench/RESULTS.md]
 # Writes bench/results/cache-<timestamp>.tsv and the cache section of bench/RESULTS.md.
 
 # shellcheck source=bench/lib.sh
 . "$(dirname "$0")/lib.sh"
-bench_command cache.sh "DURATION ROUNDS CLIENTS POOL JOBS WARMUP ZIPF WRITE_PCT RANGE_PCT MODE VARIANTS TARGETS CACHE_TTL CHECK_PACE_MS PGSURGE_BIN" "$@"
+bench_command cache.sh "DURATION ROUNDS CLIENTS POOL JOBS WARMUP ZIPF WRITE_PCT RANGE_PCT MODE VARIANTS TARGETS CACHE_TTL CACHE_NOTIFY CHECK_PACE_MS PGSURGE_BIN" "$@"
 DURATION=${DURATION:-15}
 ROUNDS=${ROUNDS:-2}
 CLIENTS=${CLIENTS:-64}
@@ -38,6 +39,7 @@ MODE=${MODE:-extended}
 VARIANTS=${VARIANTS:-same-table other-table}
 TARGETS=${TARGETS:-direct pgbouncer pgsurge pgsurge-cache}
 CACHE_TTL=${CACHE_TTL:-}
+CACHE_NOTIFY=${CACHE_NOTIFY:-0}
 CHECK_PACE_MS=${CHECK_PACE_MS:-5}
 SCALE=1
 ROWS=100000
@@ -67,10 +69,8 @@ if has_target pgsurge; then
 fi
 if has_target pgsurge-cache; then
   cache_args=(--cache)
-  if [ -n "$CACHE_TTL" ]; then
-    printf '[cache]\nenabled = true\ndefault_ttl = "%s"\n' "$CACHE_TTL" >"$WORKDIR/cache.toml"
-    cache_args+=(--config "$WORKDIR/cache.toml")
-  fi
+  [ -n "$CACHE_TTL" ] && cache_args+=(--cache-ttl "$CACHE_TTL")
+  [ "$CACHE_NOTIFY" = 1 ] && cache_args+=(--cache-notify)
   pgsurge_start "$POOL" transaction --admin-users app "${cache_args[@]}"
   mv "$SURGE_LOG" "$WORKDIR/pgsurge-cache.log"
   ON_PID=$SURGE_PID ON_PORT=$SURGE_PORT ON_URL=$SURGE_URL ON_LOG=$WORKDIR/pgsurge-cache.log
@@ -322,6 +322,7 @@ RAW=$BENCH_DIR/results/cache-$TS.tsv
   echo "# zipf: $ZIPF"
   echo "# rows: $ROWS"
   echo "# cache_ttl: ${CACHE_TTL:-default (1s)}"
+  echo "# cache_notify: $CACHE_NOTIFY"
   echo "# check_pace_ms: $CHECK_PACE_MS"
   echo "# clk_tck: $CLK_TCK"
   printf 'variant\tround\ttarget\tduration_s\trc\ttps\tlat_ms\ttx\tfailed\twall_s\tproxy_cpu_s\tpg_cpu_s\tpgbench_cpu_s\tsys_busy_s\tchecker_cpu_s'
@@ -496,13 +497,14 @@ w(f"Workload: `pgbench -n -M {meta['mode']} -c {meta['clients']} -j {meta['jobs'
   "WHERE aid BETWEEN :aid AND :aid + 9` (10 rows); and a write, which differs by variant:")
 w("")
 w("- **same-table**: `UPDATE pgbench_accounts SET abalance = abalance + :delta WHERE aid = :aid` — the table the reads "
-  "read. Invalidation is per table, so every write voids every cached row of `pgbench_accounts`.")
+  "read. A write pinned by key voids the point reads of its `aid` and every range read of the table (row-precise "
+  "invalidation; before it, every write voided every cached read of `pgbench_accounts`).")
 w("- **other-table**: `INSERT INTO pgbench_history …` — the reads' entries are voided only by their TTL.")
 w("")
 w(f"Targets, alternating in each of {meta['rounds']} rounds per variant (each round starts with the next target): direct "
   f"Postgres; PgBouncer (transaction mode, `default_pool_size={meta['pool_size']}`); pgsurge `--pool-size {meta['pool_size']} "
   f"--pool-mode transaction` with the cache off; a second pgsurge process with the same flags plus `--cache` (TTL "
-  f"{meta.get('cache_ttl', '')}, 256 MiB). Each number is the median over rounds; a transaction is one statement, so "
+  f"{meta.get('cache_ttl', '')}, 256 MiB{', `--cache-notify`' if meta.get('cache_notify') == '1' else ''}). Each number is the median over rounds; a transaction is one statement, so "
   "per tx = per request.")
 w("")
 w("- **p50/p99**: exact percentiles of every transaction's latency in pgbench's per-transaction log (`-l`), all scripts together.")
