@@ -12,4 +12,7 @@ pub mod request;
 pub mod startup;
 pub mod view;
 
+#[cfg(test)]
+mod proptests;
+
 pub use frame::{Frame, FrameError, FrameSplitter};

@@ -33,10 +33,12 @@ pub fn complete_len(buf: &[u8]) -> Result<Option<usize>, StartupError> {
     Ok((buf.len() as i64 >= len).then_some(len as usize))
 }
 
-/// Parses one whole startup packet (length prefix included).
+/// Parses one whole startup packet (length prefix included, as `complete_len` measured it).
 pub fn parse(packet: &[u8]) -> Result<StartupPacket, StartupError> {
-    let code = u32::from_be_bytes([packet[4], packet[5], packet[6], packet[7]]);
-    let mut body = &packet[8..];
+    let (Some(code), Some(mut body)) = (packet.get(4..8), packet.get(8..)) else {
+        return Err(StartupError::BadLength(packet.len() as i64));
+    };
+    let code = u32::from_be_bytes([code[0], code[1], code[2], code[3]]);
     match code {
         SSL_REQUEST => Ok(StartupPacket::SslRequest),
         GSSENC_REQUEST => Ok(StartupPacket::GssEncRequest),
