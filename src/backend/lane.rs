@@ -162,7 +162,8 @@ impl Lane {
             _ = timer.as_mut() => return None,
         };
         loop {
-            let room = self.held.load(Ordering::SeqCst) < self.cap.load(Ordering::SeqCst);
+            // A lane switched off by a reload lets its queue go (still after fast checkouts).
+            let room = !self.is_on() || self.held.load(Ordering::SeqCst) < self.cap.load(Ordering::SeqCst);
             if room && permits.available_permits() > fast_waiting.load(Ordering::SeqCst) {
                 if let Ok(p) = permits.clone().try_acquire_owned() {
                     self.held.fetch_add(1, Ordering::SeqCst);

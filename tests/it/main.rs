@@ -12,6 +12,7 @@ mod ops;
 mod pooling;
 mod process;
 mod resilience;
+mod slow;
 mod tls;
 mod unix;
 mod wire;
