@@ -188,6 +188,7 @@ if None not in (solo99, lane99, lane_slow, plain_slow):
             f"{lane99:.3f} ms, {'holds' if lane99 <= limit else 'MISSED'}; the sleeps keep ≥ 0.25 × their tps without the lane: "
             f"{lane_slow / plain_slow:.2f}, {'holds' if lane_slow >= 0.25 * plain_slow else 'MISSED'}.")
 out += ["", "The lane's share of 10 connections at 0.3 is 3: the sleeps' ceiling is 30 tps with it, 100 tps without.",
+        "The two rows of lookups alone differ by run-to-run noise on this shared 2-core machine (each round's figures are in the raw file).",
         goal or "", "<!-- slow:end -->", ""]
 write_section(results, "\n".join(out), "<!-- slow:begin -->", "<!-- slow:end -->")
 PY
