@@ -222,6 +222,8 @@ pub fn pool_settings(cfg: &Config, db: &Database, user: &User) -> PoolSettings {
         lifetime: cfg.server_lifetime,
         idle_timeout: cfg.server_idle_timeout,
         check_delay: cfg.server_check_delay,
+        slow_threshold: cfg.slow_query_threshold,
+        slow_share: cfg.slow_pool_share,
     }
 }
 

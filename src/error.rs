@@ -24,6 +24,11 @@ pub enum Error {
     TooManyConnections(String),
     #[error("no server connection available within {}ms (query_wait_timeout)", .0.as_millis())]
     WaitTimeout(Duration),
+    #[error(
+        "no server connection for a slow statement within {}ms (query_wait_timeout): the slow lane's {cap} of the pool's {size} connections are busy",
+        .wait.as_millis()
+    )]
+    SlowLaneTimeout { wait: Duration, cap: usize, size: usize },
     #[error("could not connect to upstream {addr}: {reason}")]
     UpstreamConnect { addr: String, reason: String },
     #[error("upstream connection lost: {0}")]
@@ -68,7 +73,7 @@ impl Error {
             Error::AuthFailed(_) => "28P01",
             Error::AuthRejected(_) => "28000",
             Error::NoSuchDatabase(_) => "3D000",
-            Error::TooManyConnections(_) | Error::WaitTimeout(_) => "53300",
+            Error::TooManyConnections(_) | Error::WaitTimeout(_) | Error::SlowLaneTimeout { .. } => "53300",
             Error::UpstreamConnect { .. } => "08001",
             Error::UpstreamLost(_) => "08006",
             Error::Server(e) => &e.code,
@@ -87,6 +92,7 @@ impl Error {
     pub fn severity(&self) -> Severity {
         match self {
             Error::WaitTimeout(_)
+            | Error::SlowLaneTimeout { .. }
             | Error::RateLimited { .. }
             | Error::Canceled(_)
             | Error::InsufficientPrivilege(_)
@@ -109,7 +115,14 @@ impl Error {
 
     /// Whether a client that receives this may simply retry: the request provably did not run.
     pub fn retry_safe(&self) -> bool {
-        matches!(self, Error::WaitTimeout(_) | Error::RateLimited { .. } | Error::UpstreamConnect { .. } | Error::TooManyConnections(_))
+        matches!(
+            self,
+            Error::WaitTimeout(_)
+                | Error::SlowLaneTimeout { .. }
+                | Error::RateLimited { .. }
+                | Error::UpstreamConnect { .. }
+                | Error::TooManyConnections(_)
+        )
     }
 
     /// Appends the ErrorResponse a client should see.
@@ -137,6 +150,9 @@ mod tests {
     fn refusals_carry_the_codes_drivers_read() {
         assert_eq!(Error::WaitTimeout(Duration::from_secs(1)).sqlstate(), "53300");
         assert_eq!(Error::WaitTimeout(Duration::from_secs(1)).severity(), Severity::Error);
+        let lane = Error::SlowLaneTimeout { wait: Duration::from_millis(300), cap: 3, size: 10 };
+        assert_eq!((lane.sqlstate(), lane.severity(), lane.retry_safe()), ("53300", Severity::Error, true));
+        assert!(lane.to_string().contains("slow lane"), "{lane}");
         assert_eq!(Error::TooManyConnections("x".into()).severity(), Severity::Fatal);
         assert_eq!(Error::AuthFailed("app".into()).to_string(), "password authentication failed for user \"app\"");
         assert_eq!(Error::RateLimited { message: "m".into(), retry_after: Duration::from_millis(5) }.sqlstate(), "53400");

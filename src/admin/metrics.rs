@@ -79,7 +79,7 @@ pub fn render(app: &App) -> String {
     let gauges: [(&str, &str); 6] = [
         ("pgsurge_pool_server_connections", "Server connections by state."),
         ("pgsurge_pool_size", "Configured size of the pool."),
-        ("pgsurge_pool_waiting_clients", "Clients queued for a server connection (wait queue length)."),
+        ("pgsurge_pool_waiting_clients", "Clients queued for a server connection (wait queue length, the slow lane's included)."),
         ("pgsurge_pool_clients", "Logged-in clients of the pool by state."),
         ("pgsurge_pool_paused", "1 while the pool is paused (PAUSE)."),
         ("pgsurge_pool_max_wait_seconds", "Longest current wait of a queued client."),
@@ -100,7 +100,7 @@ pub fn render(app: &App) -> String {
                     }
                 }
                 "pgsurge_pool_size" => o.sample(name, &l, p.size()),
-                "pgsurge_pool_waiting_clients" => o.sample(name, &l, p.stats.waiting.load(Ordering::Relaxed)),
+                "pgsurge_pool_waiting_clients" => o.sample(name, &l, p.stats.waiting.load(Ordering::Relaxed) + p.lane.waiting()),
                 "pgsurge_pool_clients" => {
                     for (state, n) in [("active", c.map_or(0, |c| c.active)), ("idle", c.map_or(0, |c| c.idle))] {
                         o.sample(name, &[l[0], l[1], ("state", state)], n);
@@ -169,6 +169,7 @@ pub fn render(app: &App) -> String {
     }
     o.0.push_str(&app.limits.prometheus());
     o.0.push_str(&crate::batch::report::prometheus(&app.batch));
+    o.0.push_str(&super::slow::prometheus(app));
     o.0
 }
 

@@ -6,6 +6,7 @@ pub mod console;
 pub mod http;
 pub mod metrics;
 pub mod show;
+pub mod slow;
 pub mod table;
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -36,6 +36,7 @@ pub const SHOWS: &[Show] = &[
     Show { name: "CACHE STATEMENTS", run: cache_statements },
     Show { name: "BATCHES", run: crate::batch::report::show_batches },
     Show { name: "NPLUSONE", run: crate::batch::report::show_nplusone },
+    Show { name: "SLOW", run: super::slow::show },
 ];
 
 /// The read cache: entries, bytes, hits, misses, hit ratio, evictions, invalidations.
@@ -165,14 +166,17 @@ fn pools(app: &App) -> Table {
         "pool_size",
         "paused",
         "cl_pinned",
+        "slow_lane",
+        "sv_slow",
+        "cl_slow_waiting",
     ]);
     let counts = client_counts(app);
     let cfg = app.config.load();
     for p in app.pools() {
         let c = counts.get(&(p.key.database.clone(), p.key.user.clone()));
         let (active, idle, wait) = c.map(|c| (c.active, c.idle, c.maxwait)).unwrap_or_default();
-        // Waiting is counted by the pool itself (also covers the login checkout).
-        let waiting = p.stats.waiting.load(Ordering::Relaxed);
+        // Waiting is counted by the pool itself (also covers the login checkout), the slow lane's queue apart.
+        let waiting = p.stats.waiting.load(Ordering::Relaxed) + p.lane.waiting();
         let sv_idle = p.idle_count();
         let sv_active = p.stats.active.load(Ordering::Relaxed);
         let mode = cfg.databases.get(&p.key.database).map(|d| d.pool_mode.name()).unwrap_or("");
@@ -192,6 +196,9 @@ fn pools(app: &App) -> Table {
             p.size(),
             p.is_paused() as u8,
             p.stats.pinned.load(Ordering::Relaxed),
+            if p.lane.is_on() { p.lane.cap() } else { 0 },
+            p.lane.held(),
+            p.lane.waiting(),
         ]);
     }
     t

@@ -30,13 +30,15 @@ pub struct Checkout {
     permit: Option<OwnedSemaphorePermit>,
     /// Units of shared budgets (max_db_connections / max_user_connections), released with the permit.
     pub(super) budget: Option<crate::limit::BudgetPermit>,
+    /// Held by slow work: counted against the pool's slow lane (backend/lane.rs) until given back.
+    pub lane: Option<super::lane::LaneSlot>,
     pub state: ReleaseState,
 }
 
 impl Checkout {
     pub(super) fn new(conn: Box<ServerConn>, pool: Arc<Pool>, permit: OwnedSemaphorePermit) -> Checkout {
         pool.stats.active.fetch_add(1, Ordering::Relaxed);
-        Checkout { conn: Some(conn), pool, permit: Some(permit), budget: None, state: ReleaseState::Broken }
+        Checkout { conn: Some(conn), pool, permit: Some(permit), budget: None, lane: None, state: ReleaseState::Broken }
     }
 
     pub fn conn(&mut self) -> &mut ServerConn {
@@ -59,10 +61,14 @@ impl Drop for Checkout {
         match self.state {
             ReleaseState::Clean => {
                 self.pool.checkin(conn);
+                self.permit = None;
+                self.pool.lane.wake(); // the permit is free: a slow checkout may take it
             }
             ReleaseState::Broken => {
                 self.pool.stats.closed_dirty.fetch_add(1, Ordering::Relaxed);
                 self.pool.forget(conn);
+                self.permit = None;
+                self.pool.lane.wake();
             }
             ReleaseState::NeedsReset { rollback, discard } => {
                 let pool = self.pool.clone();
@@ -70,6 +76,7 @@ impl Drop for Checkout {
                 let permit = self.permit.take();
                 let id = conn.id;
                 let budget = self.budget.take();
+                let lane = self.lane.take();
                 match tokio::runtime::Handle::try_current() {
                     Ok(h) => {
                         h.spawn(async move {
@@ -83,11 +90,15 @@ impl Drop for Checkout {
                             }
                             drop(permit);
                             drop(budget);
+                            drop(lane);
+                            pool.lane.wake();
                         });
                     }
                     Err(_) => {
                         self.pool.stats.closed_dirty.fetch_add(1, Ordering::Relaxed);
                         self.pool.forget(conn);
+                        drop((permit, lane));
+                        self.pool.lane.wake();
                     }
                 }
             }

@@ -1,6 +1,8 @@
-//! Server side: connections to Postgres, the per-(database, user) pools, and the checkout guard.
+//! Server side: connections to Postgres, the per-(database, user) pools with their slow lanes, and the checkout
+//! guard.
 
 pub mod checkout;
+pub mod lane;
 pub mod pool;
 pub mod server;
 

@@ -1,5 +1,6 @@
 //! A pool of server connections for one (database, user): a FIFO semaphore bounds checkouts, idle connections
-//! wait in a stack (warmest first), and failed connects back off so a restarting Postgres is not stormed.
+//! wait in a stack (warmest first), and failed connects back off so a restarting Postgres is not stormed. Slow
+//! statements check out through the pool's slow lane (lane.rs), which caps their share and queues them apart.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -28,6 +29,9 @@ pub struct PoolSettings {
     pub lifetime: Duration,
     pub idle_timeout: Duration,
     pub check_delay: Duration,
+    /// The slow lane (backend/lane.rs): `slow_query_threshold` (zero: off) and `slow_pool_share`.
+    pub slow_threshold: Duration,
+    pub slow_share: f64,
 }
 
 /// Counters read by the admin console and /metrics.
@@ -75,12 +79,20 @@ pub struct ServerInfo {
     pub tls: bool,
 }
 
-/// Decrements the wait-queue length however the wait ends (the checkout future may be dropped on cancel).
+/// Counts a checkout in the wait queue until dropped, however the wait ends (the future may be dropped on cancel).
 struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(n: &'a AtomicUsize) -> Waiting<'a> {
+        // SeqCst: the slow lane's head compares this with the free permits (backend/lane.rs).
+        n.fetch_add(1, Ordering::SeqCst);
+        Waiting(n)
+    }
+}
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -116,6 +128,8 @@ pub struct Pool {
     budgets: arc_swap::ArcSwapOption<crate::limit::Budgets>,
     pub total_servers: AtomicUsize,
     pub stats: PoolStats,
+    /// Slow statements' share of the pool and their own queue, and the estimates that say which are slow.
+    pub lane: Arc<super::lane::Lane>,
     /// `PAUSE`: while true, new checkouts wait (they do not fail).
     paused: tokio::sync::watch::Sender<bool>,
     servers: Mutex<std::collections::BTreeMap<u64, ServerInfo>>,
@@ -128,7 +142,9 @@ impl Pool {
     /// `id`: unique among the pools of this process, never reused (the owner counts them).
     pub fn new(id: u32, key: PoolKey, target: ServerTarget, settings: PoolSettings) -> Arc<Pool> {
         let size = settings.size;
+        let lane = super::lane::Lane::new(size, settings.slow_share, settings.slow_threshold);
         Arc::new(Pool {
+            lane,
             key,
             id,
             target: Mutex::new(target),
@@ -168,6 +184,7 @@ impl Pool {
                 }
             });
         }
+        self.lane.configure(s.size, s.slow_share, s.slow_threshold);
         *self.settings.lock() = s;
     }
 
@@ -231,23 +248,24 @@ impl Pool {
 
     /// Waits (FIFO) up to `wait` for a server connection. While the pool is paused the wait does not count.
     pub async fn checkout(self: &Arc<Self>, wait: Duration) -> Result<Checkout> {
-        self.checkout_for(Instant::now(), wait, None, None).await
+        self.checkout_for(Instant::now(), wait, None, None, false).await
     }
 
     /// Waits up to `wait` for a server connection: FIFO within this pool, then, if the pool shares a budget,
     /// round-robin across `fair` keys (default: this pool's user). While the pool is paused the wait does not
     /// count. `started`: now (the caller has read the clock already). `timer`: a sleep the caller keeps across
     /// checkouts (a session's): moving its deadline later is an atomic store, where a fresh sleep is inserted into
-    /// and removed from the timer wheel every time (`None`: a fresh one).
+    /// and removed from the timer wheel every time (`None`: a fresh one). `slow`: a slow statement's checkout,
+    /// which waits in the slow lane's own queue instead of the pool's (backend/lane.rs).
     pub async fn checkout_for(
         self: &Arc<Self>,
         started: Instant,
         wait: Duration,
         fair: Option<&crate::limit::Key>,
         timer: Option<std::pin::Pin<&mut tokio::time::Sleep>>,
+        slow: bool,
     ) -> Result<Checkout> {
-        self.stats.waiting.fetch_add(1, Ordering::Relaxed);
-        let waiting = Waiting(&self.stats.waiting);
+        let queue = if slow { None } else { Some(Waiting::new(&self.stats.waiting)) };
         let mut deadline = started + wait;
         if self.is_paused() {
             let _ = self.paused.subscribe().wait_for(|p| !*p).await;
@@ -259,13 +277,44 @@ impl Pool {
             None => fresh.insert(Box::pin(tokio::time::sleep_until(deadline))).as_mut(),
         };
         timer.as_mut().reset(deadline);
-        let permit = tokio::select! {
-            biased;
-            p = self.permits.clone().acquire_owned() => p.ok(),
-            _ = timer => None,
+        let (permit, slot) = if slow {
+            match self.lane.acquire(&self.permits, &self.stats.waiting, timer).await {
+                Some((p, slot)) => (p, Some(slot)),
+                None => return Err(self.lane_timeout(wait)),
+            }
+        } else {
+            let permit = tokio::select! {
+                biased;
+                p = self.permits.clone().acquire_owned() => p.ok(),
+                _ = timer => None,
+            };
+            drop(queue);
+            self.lane.wake(); // one fast checkout fewer waiting: a slow one may go
+            (permit.ok_or_else(|| self.wait_error(wait))?, None)
         };
-        drop(waiting);
-        let Some(permit) = permit else { return Err(self.wait_error(wait)) };
+        let got = self.finish_checkout(permit, started, deadline, wait, fair).await;
+        if got.is_err() {
+            self.lane.wake(); // its permit was given back
+        }
+        let mut co = got?;
+        if slot.is_some() {
+            let waited = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+            self.lane.stats.checkouts.fetch_add(1, Ordering::Relaxed);
+            self.lane.stats.wait_us_total.fetch_add(waited, Ordering::Relaxed);
+        }
+        co.lane = slot;
+        Ok(co)
+    }
+
+    /// After the permit: units of the shared budget, if any, then an idle connection or a new one.
+    async fn finish_checkout(
+        self: &Arc<Self>,
+        permit: tokio::sync::OwnedSemaphorePermit,
+        started: Instant,
+        deadline: Instant,
+        wait: Duration,
+        fair: Option<&crate::limit::Key>,
+    ) -> Result<Checkout> {
         let budget = match self.budgets.load_full() {
             None => None,
             Some(b) => {
@@ -300,7 +349,11 @@ impl Pool {
             return None;
         }
         let permit = self.permits.clone().try_acquire_owned().ok()?;
-        let conn = self.take_idle()?;
+        let Some(conn) = self.take_idle() else {
+            drop(permit);
+            self.lane.wake();
+            return None;
+        };
         Some(self.hand_out(conn, permit, 0))
     }
 
@@ -325,6 +378,13 @@ impl Pool {
             }
             return Some(c);
         }
+    }
+
+    /// A slow checkout that waited `wait` in the slow lane in vain.
+    fn lane_timeout(&self, wait: Duration) -> Error {
+        self.stats.wait_timeouts.fetch_add(1, Ordering::Relaxed);
+        self.lane.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+        Error::SlowLaneTimeout { wait, cap: self.lane.cap(), size: self.size() }
     }
 
     fn wait_error(&self, wait: Duration) -> Error {
@@ -463,6 +523,7 @@ impl Pool {
                 Ok(c) => {
                     self.checkin(c);
                     drop(permit);
+                    self.lane.wake();
                 }
                 Err(_) => break,
             }

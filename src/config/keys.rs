@@ -67,6 +67,8 @@ pub fn rows(c: &Config) -> Vec<(&'static str, String, &'static str, bool)> {
         ("batch.enabled", c.batch.enabled.to_string(), "false"),
         ("batch.max_batch_size", c.batch.max_batch_size.to_string(), "500"),
         ("batch.max_wait", dur(c.batch.max_wait), "0s"),
+        ("slow_query_threshold", dur(c.slow_query_threshold), "0 (no slow lane)"),
+        ("slow_pool_share", c.slow_pool_share.to_string(), "0.5"),
     ];
     v.into_iter().map(|(k, val, d)| (k, val, d, !RESTART_KEYS.contains(&k))).collect()
 }

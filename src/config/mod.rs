@@ -107,6 +107,10 @@ pub struct Config {
     pub cache: crate::cache::config::CacheConfig,
     /// The N+1 batcher (src/batch).
     pub batch: crate::cache::config::BatchConfig,
+    /// The slow lane (backend/lane.rs): runs averaging over this are slow (zero: no lane) ...
+    pub slow_query_threshold: Duration,
+    /// ... and may hold this share of each pool's server connections (at least one).
+    pub slow_pool_share: f64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -226,7 +230,13 @@ impl Config {
         let cache_flags = crate::cache::config::CacheFlags { enabled: s.cache_flag, ttl: s.cache_ttl, notify: s.cache_notify };
         let cache = crate::cache::config::CacheConfig::build(&s.cache, cache_flags).map_err(bad)?;
         let batch = crate::cache::config::BatchConfig::build(&s.batch, s.batch_flag).map_err(bad)?;
+        let slow_pool_share = s.slow_pool_share.unwrap_or(0.5);
+        if !(slow_pool_share > 0.0 && slow_pool_share <= 1.0) {
+            return Err(bad(format!("slow_pool_share must be more than 0 and at most 1, not {slow_pool_share}")));
+        }
         Ok(Config {
+            slow_query_threshold: s.slow_query_threshold.map(|d| d.0).unwrap_or_default(),
+            slow_pool_share,
             limits,
             cache,
             batch,
@@ -354,6 +364,7 @@ mod tests {
         let db = &c.databases["appdb"];
         assert_eq!((db.host.as_str(), db.port, db.pool_size), ("127.0.0.1", 5433, 20));
         assert_eq!(c.users["app"].secret, Secret::Plain("secret".into()));
+        assert_eq!((c.slow_query_threshold, c.slow_pool_share), (Duration::ZERO, 0.5), "the slow lane is off by default");
     }
 
     #[test]
@@ -379,6 +390,10 @@ mod tests {
     fn nonsense_is_refused_with_the_key_named() {
         let e = Config::build(Settings { pool_mode: Some("statement-ish".into()), ..with_upstream() }).unwrap_err();
         assert!(e.to_string().contains("pool_mode"), "{e}");
+        for share in [0.0, 1.5, -0.2, f64::NAN] {
+            let e = Config::build(Settings { slow_pool_share: Some(share), ..with_upstream() }).unwrap_err();
+            assert!(e.to_string().contains("slow_pool_share"), "{e}");
+        }
         let e = toml::from_str::<Settings>("pool_sise = 3").unwrap_err();
         assert!(e.to_string().contains("pool_sise"), "{e}");
         assert!(Config::build(Settings::default()).is_err());

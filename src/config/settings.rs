@@ -228,6 +228,12 @@ settings! {
     /// A client idle inside a transaction longer than this gets FATAL 25P03 (0: off).
     #[arg(long, env = "PGSURGE_IDLE_TRANSACTION_TIMEOUT")]
     idle_transaction_timeout: Dur,
+    /// Statements whose runs average longer than this are slow and use the slow lane (0: no lane).
+    #[arg(long, env = "PGSURGE_SLOW_QUERY_THRESHOLD")]
+    slow_query_threshold: Dur,
+    /// Share of each pool's server connections slow statements may hold, in (0, 1] (at least one connection).
+    #[arg(long, env = "PGSURGE_SLOW_POOL_SHARE")]
+    slow_pool_share: f64,
 }
 
 /// Subcommands beside the proxy itself.

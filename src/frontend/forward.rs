@@ -62,6 +62,9 @@ impl Relay {
                                     announce(&mut self.notify, &mut self.copying, inv, a.copy_in.then_some(Copying::Simple));
                                 }
                             }
+                            if self.runs.is_on() {
+                                self.runs.query(&cx.parts.pool.lane, sql);
+                            }
                             let fx = sql.map(crate::sql::session::effects).unwrap_or_default();
                             cx.parts.pinned(cx.state.note_pins(&fx));
                             self.expect.push(Expect::Query { swallow: false, effects: fx, failed: false });
@@ -83,6 +86,9 @@ impl Relay {
                         self.unnamed_here = false; // a simple Query drops the server's unnamed statement
                     }
                     self.expect.client_sync();
+                    if self.runs.is_on() {
+                        self.runs.sync();
+                    }
                 }
                 COPY_DONE | COPY_FAIL => {
                     self.expect.client_copy_end();
@@ -162,6 +168,9 @@ impl Relay {
                 EXECUTE => {
                     self.unsynced = true;
                     self.run_limited |= matches!(m.view, View::Execute { max_rows, .. } if max_rows > 0);
+                    if self.runs.is_on() {
+                        self.runs.execute(&cx.parts.pool.lane, self.portal.as_ref());
+                    }
                     let effects = match self.portal.clone() {
                         Some(stmt) => {
                             cx.parts.pinned(cx.state.note_pins(&stmt.effects));

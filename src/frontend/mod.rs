@@ -1,6 +1,7 @@
 //! Client side: the listener, the startup/auth handshake, and the per-client pipeline: the connection
 //! (`conn.rs`), the stages a request goes through (`session.rs`), local answers (`local.rs`), and the relay to
-//! the server connection (`relay.rs`, `forward.rs`, the owed-replies queue `expect.rs`, `retry.rs`).
+//! the server connection (`relay.rs`, `forward.rs`, the owed-replies queue `expect.rs`, `retry.rs`), and the slow
+//! lane's client half (`slow.rs`: a checkout's class, each request's run time).
 
 pub mod buffers;
 pub mod conn;
@@ -12,3 +13,4 @@ pub mod local;
 pub mod relay;
 pub mod retry;
 pub mod session;
+pub mod slow;

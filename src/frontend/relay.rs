@@ -13,6 +13,7 @@ use tokio::io::AsyncWriteExt;
 use super::conn::ClientConn;
 use super::expect::{Action, Expect, Expectations};
 use super::retry::Retry;
+use super::slow::Class;
 use crate::backend::{Checkout, Pool, ReleaseState};
 use crate::cache::capture::Capture;
 use crate::cache::writes::Writes;
@@ -85,6 +86,8 @@ pub struct Relay {
     /// A COPY FROM STDIN is in flight: announcements wait for its end.
     pub(super) copying: super::forward::Copying,
     pub retry: Retry,
+    /// The slow lane's measurements of the requests forwarded (frontend/slow.rs).
+    pub(super) runs: super::slow::Runs,
     pub cancel: Arc<CancelSlot>,
     /// The deadline of checkout waits, reused across them (see `Pool::checkout_for`).
     wait_timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
@@ -117,6 +120,7 @@ impl Relay {
             run_limited: false,
             describing: Default::default(),
             retry: Retry::default(),
+            runs: Default::default(),
             cancel,
             wait_timer: None,
             trace: tracing::enabled!(target: "pgsurge::wire", tracing::Level::TRACE),
@@ -128,25 +132,35 @@ impl Relay {
         self.expect.is_empty() && !self.unsynced
     }
 
-    /// Checks out a server connection and brings its session settings in line with the client's.
+    /// Checks out a server connection, in the slow lane if `class` says so, and brings its session settings in
+    /// line with the client's.
     pub async fn acquire(
         &mut self,
         pool: &Arc<Pool>,
         state: &SessionState,
         fair: Option<&crate::limit::Key>,
         wait: Duration,
+        class: Class,
     ) -> Result<()> {
-        let mut co = match pool.try_checkout_now() {
+        let slow = match &class {
+            Class::Slow(e) => Some(e),
+            _ => None,
+        };
+        let mut co = match if slow.is_some() { None } else { pool.try_checkout_now() } {
             Some(co) => co,
             None => {
                 let now = tokio::time::Instant::now();
                 let _waiting = self.cancel.waiting(now);
                 let timer = self.wait_timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(Duration::ZERO))).as_mut();
-                tokio::select! {
+                let co = tokio::select! {
                     biased;
-                    r = pool.checkout_for(now, wait, fair, Some(timer)) => r?,
+                    r = pool.checkout_for(now, wait, fair, Some(timer), slow.is_some()) => r?,
                     _ = self.cancel.wait_cancelled() => return Err(Error::Canceled("user request")),
+                };
+                if let Some(e) = slow {
+                    e.lane_waited(now.elapsed());
                 }
+                co
             }
         };
         if let Err(t) = self.cancel.try_set(Some(co.conn_ref().cancel_target.clone())) {
@@ -174,6 +188,7 @@ impl Relay {
         }
         self.server = Some(co);
         self.unnamed_here = false;
+        self.runs.start(class);
         Ok(())
     }
 
@@ -250,6 +265,7 @@ impl Relay {
         let mut due = vec![];
         let mut unprepared = vec![];
         let mut done = vec![];
+        let mut turned_slow = false;
         while let Some(n) =
             complete_len(&conn.rbuf[at..], crate::backend::server::MAX_SERVER_MESSAGE).map_err(|e| Error::UpstreamLost(e.to_string()))?
         {
@@ -294,6 +310,12 @@ impl Relay {
                         cx.state.ready(s, &mut conn.applied);
                         if s == TxStatus::Idle {
                             cx.parts.pool.stats.transactions.fetch_add(1, Ordering::Relaxed);
+                        }
+                        if self.runs.is_on() {
+                            // A transaction that has held its server past the threshold is slow from now on.
+                            let held = self.runs.ready();
+                            let threshold = cx.parts.pool.lane.threshold_us();
+                            turned_slow |= s != TxStatus::Idle && threshold > 0 && held.as_micros() > u128::from(threshold);
                         }
                     }
                 }
@@ -366,8 +388,18 @@ impl Relay {
         if let Some(again) = self.retry.pending.take() {
             cx.conn.unread(&again);
         }
-        if transaction_mode && drained && self.quiet() && cx.state.is_free() {
+        let quiet = self.quiet();
+        if quiet {
+            self.runs.quiet();
+        }
+        if transaction_mode && drained && quiet && cx.state.is_free() {
             self.release(ReleaseState::Clean).await;
+        } else if let Some(co) = self.server.as_mut() {
+            if turned_slow && cx.state.status != TxStatus::Idle && co.lane.is_none() {
+                co.lane = Some(cx.parts.pool.lane.promote());
+            } else if cx.state.status == TxStatus::Idle && quiet {
+                co.lane = None; // the transaction is over; a pinned session keeps its server, not a lane slot
+            }
         }
         Ok(())
     }

@@ -1,7 +1,7 @@
 //! The per-client pipeline. What a client sends is parsed once into requests (protocol/request.rs); each request
-//! goes, in order, through limits -> local answers -> cache -> batcher -> pool, and is forwarded to the server
-//! connection it then holds (forward.rs); replies come back through the relay (relay.rs), which gives the server
-//! back at ReadyForQuery idle (transaction mode).
+//! goes, in order, through limits -> local answers -> cache -> batcher -> pool (the slow lane for a slow statement,
+//! slow.rs), and is forwarded to the server connection it then holds (forward.rs); replies come back through the
+//! relay (relay.rs), which gives the server back at ReadyForQuery idle (transaction mode).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +14,7 @@ use tokio::time::Instant;
 
 use super::conn::ClientConn;
 use super::relay::{Ctx, Parts, Relay};
+use super::slow::Class;
 use crate::app::Shutdown;
 use crate::backend::ReleaseState;
 use crate::batch::{detect::Tracker, stage as batching, LeaderGuard, Outcome, Role, Ticket};
@@ -255,7 +256,7 @@ impl Session {
                 if *self.shutdown.borrow() != Shutdown::Running {
                     return Err(Error::Shutdown);
                 }
-                if let Err(e) = self.acquire().await {
+                if let Err(e) = self.acquire(input, &req, resolved.as_ref()).await {
                     if e.severity() == Severity::Fatal {
                         return Err(e);
                     }
@@ -432,7 +433,7 @@ impl Session {
         drop(waiting);
         let fair = self.admission.as_ref().map(|a| &a.fair_key);
         let left = deadline.saturating_duration_since(Instant::now());
-        if let Err(e) = self.relay.acquire(&self.parts.pool, &self.state, fair, left).await {
+        if let Err(e) = self.relay.acquire(&self.parts.pool, &self.state, fair, left, Class::Off).await {
             drop(guard);
             if e.severity() == Severity::Fatal {
                 return Err(e);
@@ -505,10 +506,13 @@ impl Session {
         Ok(Done::Answered)
     }
 
-    /// Checks out a server connection for this client.
-    async fn acquire(&mut self) -> Result<()> {
+    /// Checks out a server connection for this client, for `req`: in the slow lane if its statement is slow.
+    async fn acquire(&mut self, input: &Input, req: &Req, resolved: Option<&Resolved>) -> Result<()> {
+        let tx = self.mode == PoolMode::Transaction;
+        let stmt = resolved.map(|r| &r.statement);
+        let class = super::slow::class(&self.parts, &self.state, input, req, stmt, &mut self.relay.runs, tx);
         let fair = self.admission.as_ref().map(|a| &a.fair_key);
-        self.relay.acquire(&self.parts.pool, &self.state, fair, self.wait_timeout).await
+        self.relay.acquire(&self.parts.pool, &self.state, fair, self.wait_timeout, class).await
     }
 
     /// Spends the rate-limit tokens of the requests from `from` on (src/limit): outside a transaction waits up to

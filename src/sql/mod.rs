@@ -15,12 +15,15 @@
 //! - [`fingerprint_group`]: a fingerprint to *group* statements in N+1 reports. Never use it as
 //!   a cache key: it equates `id = $1` with `id = ANY($1)` and `SELECT a, b` with `SELECT b, a`.
 //! - [`volatility()`]: the immutable-function allowlist the cache rules use.
+//! - [`normalize::shape`]: a statement's identity for the slow lane's run-time estimates, by a lexical pass
+//!   (constants to `?`), not a parse.
 
 mod analyze;
 mod batch;
 mod classify;
 mod hints;
 mod merge;
+pub mod normalize;
 pub mod pins;
 pub mod session;
 mod tree;

@@ -1,7 +1,7 @@
 //! Statements, shared by every client and both sides of the proxy: one registry keyed by the full text and the
 //! parameter type OIDs (never a hash alone), the server-side name pgsurge prepares each under, and what is known
-//! about each — its session effects, its analysis, its N+1 shape and what a server taught us about it —
-//! computed once, so a repeated statement costs a pointer.
+//! about each — its session effects, its analysis, its N+1 shape, what a server taught us about it and its
+//! slow-lane identity — computed once, so a repeated statement costs a pointer.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
@@ -32,6 +32,7 @@ pub struct Statement {
     group: OnceLock<Option<u64>>,
     /// Parameter type OIDs a server reported for it (ParameterDescription), for those the Parse left unspecified.
     described: OnceLock<Box<[u32]>>,
+    shape: OnceLock<crate::sql::normalize::Shape>,
 }
 
 /// A statement of the N+1 shape (`SELECT … FROM t WHERE col = $1`) and what a server told us about it.
@@ -106,6 +107,11 @@ impl Statement {
     pub fn group(&self) -> Option<u64> {
         *self.group.get_or_init(|| crate::sql::fingerprint_group(&String::from_utf8_lossy(&self.query)))
     }
+
+    /// Its identity for the slow lane's estimates (its text normalised: `sql::normalize`).
+    pub fn shape(&self) -> crate::sql::normalize::Shape {
+        *self.shape.get_or_init(|| crate::sql::normalize::shape(&self.query, &mut Vec::new()))
+    }
 }
 
 /// A point lookup starts with SELECT (after blanks and comments) and has `=` and a `$`: a byte check that spares
@@ -169,6 +175,7 @@ impl Registry {
             lookup: OnceLock::new(),
             group: OnceLock::new(),
             described: OnceLock::new(),
+            shape: OnceLock::new(),
         });
         map.insert(key, Arc::downgrade(&s));
         let mut recent = self.recent.lock();

@@ -13,6 +13,7 @@ mod ops;
 mod pooling;
 mod process;
 mod resilience;
+mod slow;
 mod tls;
 mod unix;
 mod wire;
