@@ -36,8 +36,40 @@ async fn every_driver_behaves_through_pgsurge_as_against_postgres() {
     let (ok, out) = run_suite(&pg().app_url).await;
     assert!(ok, "the reference run against Postgres itself failed:\n{out}");
     let proxy = Proxy::start(tiny_pool()).await;
+    // What the server connections were doing, every 5 s (the last few are shown if the suite fails).
+    let watched = std::sync::Arc::new(std::sync::Mutex::new(std::collections::VecDeque::new()));
+    let into = watched.clone();
+    let watch = tokio::spawn(async move {
+        let s = pg().super_client("postgres").await;
+        let mut seen = std::collections::VecDeque::new();
+        loop {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            let rows = s
+                .simple_query(
+                    "SELECT concat_ws(' | ', pid, application_name, state, wait_event_type, wait_event, \
+                     round(extract(epoch FROM now() - state_change)::numeric, 1), left(query, 80)) \
+                     FROM pg_stat_activity WHERE datname = 'app' AND backend_type = 'client backend' AND pid <> pg_backend_pid()",
+                )
+                .await
+                .unwrap_or_default();
+            let lines: Vec<String> = rows
+                .into_iter()
+                .filter_map(|m| match m {
+                    SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+                    _ => None,
+                })
+                .collect();
+            seen.push_back(lines.join("\n"));
+            if seen.len() > 3 {
+                seen.pop_front();
+            }
+            into.lock().unwrap().clone_from(&seen);
+        }
+    });
     let (ok, out) = run_suite(&proxy.pg_url()).await;
-    assert!(ok, "drivers through pgsurge (transaction mode, pool 2):\n{out}");
+    watch.abort();
+    let watched = watched.lock().unwrap().iter().cloned().collect::<Vec<_>>().join("\n--\n");
+    assert!(ok, "drivers through pgsurge (transaction mode, pool 2):\n{out}\nserver connections, the last 15 s:\n{watched}");
     assert!(out.lines().any(|l| l.ends_with(" passed, 0 failed")), "{out}");
 }
 
