@@ -181,8 +181,18 @@ impl App {
     }
 
     /// Looks up the configured database a client asked for.
+    /// A name not configured falls back to the `*` entry (PgBouncer's auto-database), with its own name as dbname.
     pub fn database(&self, name: &str) -> Result<Database> {
-        self.config.load().databases.get(name).cloned().ok_or_else(|| Error::NoSuchDatabase(name.to_string()))
+        let cfg = self.config.load();
+        if let Some(d) = cfg.databases.get(name) {
+            return Ok(d.clone());
+        }
+        let mut d = cfg.databases.get("*").cloned().ok_or_else(|| Error::NoSuchDatabase(name.to_string()))?;
+        if d.dbname == "*" {
+            d.dbname = name.to_string();
+        }
+        d.name = name.to_string();
+        Ok(d)
     }
 
     pub fn pool_mode(&self, db: &Database) -> PoolMode {
@@ -238,7 +248,11 @@ impl App {
         for pool in self.pools() {
             let (Some(db), Some(user)) = (new.databases.get(&pool.key.database), new.users.get(&pool.key.user)) else { continue };
             if unapplied.moved.contains(&db.name) {
-                notes.push(format!("databases.{}: the upstream changed; its open pool keeps the old one until a restart", db.name));
+                // New clients get a pool at the new upstream; the old pool serves its clients until they leave.
+                self.pools.lock().remove(&pool.key);
+                pool.reconnect();
+                notes.push(format!("databases.{}: the upstream changed; new clients go to the new one", db.name));
+                continue;
             }
             pool.update_settings(pool_settings(&new, db, user));
             pool.set_budgets(self.limits.budgets_for(&db.name, &user.name));

@@ -37,6 +37,18 @@ pub const SHOWS: &[Show] = &[
     Show { name: "BATCHES", run: crate::batch::report::show_batches },
     Show { name: "NPLUSONE", run: crate::batch::report::show_nplusone },
     Show { name: "SLOW", run: super::slow::show },
+    Show { name: "STATE", run: super::show_pgb::state },
+    Show { name: "TOTALS", run: super::show_pgb::totals },
+    Show { name: "STATS_TOTALS", run: super::show_pgb::stats_totals },
+    Show { name: "STATS_AVERAGES", run: super::show_pgb::stats_averages },
+    Show { name: "MEM", run: super::show_pgb::mem },
+    Show { name: "FDS", run: super::show_pgb::fds },
+    Show { name: "SOCKETS", run: super::show_pgb::sockets },
+    Show { name: "ACTIVE_SOCKETS", run: super::show_pgb::active_sockets },
+    Show { name: "PEERS", run: super::show_pgb::peers },
+    Show { name: "PEER_POOLS", run: super::show_pgb::peer_pools },
+    Show { name: "DNS_HOSTS", run: super::show_pgb::dns_hosts },
+    Show { name: "DNS_ZONES", run: super::show_pgb::dns_zones },
 ];
 
 /// The read cache: entries, bytes, hits, misses, hit ratio, evictions, invalidations.

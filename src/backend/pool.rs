@@ -133,6 +133,8 @@ pub struct Pool {
     /// `PAUSE`: while true, new checkouts wait (they do not fail).
     paused: tokio::sync::watch::Sender<bool>,
     servers: Mutex<std::collections::BTreeMap<u64, ServerInfo>>,
+    /// `RECONNECT`: server connections with an id below this are closed when next idle.
+    reconnect_below: AtomicU64,
 }
 
 const BACKOFF_START: Duration = Duration::from_millis(50);
@@ -162,6 +164,7 @@ impl Pool {
             stats: PoolStats::default(),
             paused: tokio::sync::watch::channel(false).0,
             servers: Mutex::new(Default::default()),
+            reconnect_below: AtomicU64::new(0),
         })
     }
 
@@ -469,7 +472,7 @@ impl Pool {
     pub(super) fn checkin(&self, mut c: Box<ServerConn>) {
         let s = self.settings.lock().clone();
         let now = Instant::now();
-        if now.duration_since(c.created) >= s.lifetime || self.idle.lock().len() >= s.size {
+        if now.duration_since(c.created) >= s.lifetime || self.idle.lock().len() >= s.size || self.must_reconnect(c.id) {
             self.forget(c);
             return;
         }
@@ -488,6 +491,30 @@ impl Pool {
         for c in dead {
             self.forget(c);
         }
+    }
+
+    /// `RECONNECT`: every server connection open now is closed when next idle (idle ones at once); new ones
+    /// are opened as needed.
+    pub fn reconnect(&self) {
+        self.reconnect_below.store(self.next_id.load(Ordering::Relaxed), Ordering::Relaxed);
+        let old: Vec<Box<ServerConn>> = {
+            let mut idle = self.idle.lock();
+            let (old, keep): (Vec<_>, Vec<_>) = idle.drain(..).partition(|c| self.must_reconnect(c.id));
+            *idle = keep;
+            old
+        };
+        for c in old {
+            self.forget(c);
+        }
+    }
+
+    fn must_reconnect(&self, id: u64) -> bool {
+        id < self.reconnect_below.load(Ordering::Relaxed)
+    }
+
+    /// Server connections still open that `RECONNECT` asked to close (what `WAIT_CLOSE` waits for).
+    pub fn closing_count(&self) -> usize {
+        self.servers.lock().keys().filter(|id| self.must_reconnect(**id)).count()
     }
 
     /// Closes a server connection for good.
@@ -510,7 +537,11 @@ impl Pool {
             let mut idle = self.idle.lock();
             let (old, keep): (Vec<_>, Vec<_>) = idle
                 .drain(..)
-                .partition(|c| now.duration_since(c.last_used) >= s.idle_timeout || now.duration_since(c.created) >= s.lifetime);
+                .partition(|c| {
+                    now.duration_since(c.last_used) >= s.idle_timeout
+                        || now.duration_since(c.created) >= s.lifetime
+                        || self.must_reconnect(c.id)
+                });
             *idle = keep;
             old
         };

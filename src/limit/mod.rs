@@ -278,8 +278,13 @@ impl Limiter {
                     drop(conns);
                     self.stats_for(*scope, key).conn_rejected.fetch_add(1, Ordering::Relaxed);
                     return Err(Error::TooManyConnections(format!(
-                        "too many connections for {} \"{key}\" (max_connections = {max})",
-                        scope.name()
+                        "too many connections for {} \"{key}\" (max_connections = {max}{})",
+                        scope.name(),
+                        match scope {
+                            Scope::Database => ", PgBouncer's max_db_client_connections",
+                            Scope::User => ", PgBouncer's max_user_client_connections",
+                            _ => "",
+                        }
                     )));
                 }
             }
