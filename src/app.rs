@@ -123,7 +123,9 @@ impl App {
 
     /// The pool for a client of `db` logged in as `user`, created on first use.
     pub fn pool(&self, db: &Database, user: &User) -> Result<Arc<Pool>> {
-        let key = PoolKey { database: db.name.clone(), user: user.name.clone() };
+        // A database with a forced user has one pool, whoever the client is (as in PgBouncer).
+        let key_user = db.user.as_ref().map(|(u, _)| u.clone()).unwrap_or_else(|| user.name.clone());
+        let key = PoolKey { database: db.name.clone(), user: key_user };
         if let Some(p) = self.pools.lock().get(&key) {
             return Ok(p.clone());
         }
@@ -144,7 +146,7 @@ impl App {
             tls: cfg.server_tls.clone(),
         };
         let id = self.pool_ids.fetch_add(1, Ordering::Relaxed) + 1;
-        let pool = Pool::new(id, key.clone(), target, pool_settings(&cfg, db, user));
+        let pool = Pool::new(id, key.clone(), target, pool_settings(&cfg, db, user), self.ops.clients.ids.clone());
         crate::admin::init_pool(self, &pool);
         pool.set_budgets(self.limits.budgets_for(&db.name, &user.name));
         let pool = self.pools.lock().entry(key).or_insert(pool).clone();
@@ -225,11 +227,13 @@ fn credential_of(s: &Secret) -> UpstreamCredential {
 }
 
 pub fn pool_settings(cfg: &Config, db: &Database, user: &User) -> PoolSettings {
+    // A forced user's pool is the database's: the client user's own pool_size does not apply.
+    let size = if db.user.is_some() { db.pool_size } else { user.pool_size.unwrap_or(db.pool_size) };
     PoolSettings {
-        size: user.pool_size.unwrap_or(db.pool_size),
-        min_size: cfg.min_pool_size.min(user.pool_size.unwrap_or(db.pool_size)),
+        size,
+        min_size: db.min_pool_size.unwrap_or(cfg.min_pool_size).min(size),
         connect_timeout: cfg.server_connect_timeout,
-        lifetime: cfg.server_lifetime,
+        lifetime: db.server_lifetime.unwrap_or(cfg.server_lifetime),
         idle_timeout: cfg.server_idle_timeout,
         check_delay: cfg.server_check_delay,
         slow_threshold: cfg.slow_query_threshold,
@@ -246,7 +250,16 @@ impl App {
         let mut notes = unapplied.notes;
         self.limits.reload(&new.limits);
         for pool in self.pools() {
-            let (Some(db), Some(user)) = (new.databases.get(&pool.key.database), new.users.get(&pool.key.user)) else { continue };
+            let Some(db) = new.databases.get(&pool.key.database) else { continue };
+            // A pool of a user found by auth_query (not in the config) keeps its own settings but takes the new sizes.
+            let found;
+            let user = match new.users.get(&pool.key.user) {
+                Some(u) => u,
+                None => {
+                    found = User { name: pool.key.user.clone(), secret: crate::auth::secret::Secret::None, auth: new.auth_type, pool_size: None };
+                    &found
+                }
+            };
             if unapplied.moved.contains(&db.name) {
                 // New clients get a pool at the new upstream; the old pool serves its clients until they leave.
                 self.pools.lock().remove(&pool.key);

@@ -9,6 +9,15 @@ use super::table::Table;
 use crate::app::App;
 use crate::row;
 
+/// Live clients (console sessions included) counted by `key`.
+pub fn clients_by(app: &App, key: impl Fn(&crate::admin::ClientInfo) -> String) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for c in app.ops.clients.snapshot() {
+        *m.entry(key(&c)).or_default() += 1;
+    }
+    m
+}
+
 /// Per database: assignments, transactions, queries, bytes in, bytes out, wait µs.
 fn per_db(app: &App) -> BTreeMap<String, [u64; 6]> {
     let mut by_db: BTreeMap<String, [u64; 6]> = BTreeMap::new();

@@ -123,7 +123,9 @@ pub struct Pool {
     shared_settings: Mutex<Arc<crate::state::Settings>>,
     /// ParameterStatus values clients receive at login, learned from the first server connection.
     login_params: Mutex<Option<Vec<(String, String)>>>,
-    next_id: AtomicU64,
+    /// Where server connection ids come from: shared with the client registry, so a client and a server never
+    /// share an id (SHOW SOCKETS lists both, as PgBouncer numbers them).
+    next_id: Arc<AtomicU64>,
     /// Shared caps this pool also draws from (`max_db_connections`, `max_user_connections`), if any.
     budgets: arc_swap::ArcSwapOption<crate::limit::Budgets>,
     pub total_servers: AtomicUsize,
@@ -137,12 +139,15 @@ pub struct Pool {
     reconnect_below: AtomicU64,
 }
 
+/// A connection idle at least this long is peeked at before reuse, whatever `server_check_delay` says.
+const PEEK_AFTER_IDLE: Duration = Duration::from_millis(50);
+
 const BACKOFF_START: Duration = Duration::from_millis(50);
 const BACKOFF_CAP: Duration = Duration::from_millis(500);
 
 impl Pool {
     /// `id`: unique among the pools of this process, never reused (the owner counts them).
-    pub fn new(id: u32, key: PoolKey, target: ServerTarget, settings: PoolSettings) -> Arc<Pool> {
+    pub fn new(id: u32, key: PoolKey, target: ServerTarget, settings: PoolSettings, ids: Arc<AtomicU64>) -> Arc<Pool> {
         let size = settings.size;
         let lane = super::lane::Lane::new(size, settings.slow_share, settings.slow_threshold);
         Arc::new(Pool {
@@ -158,7 +163,7 @@ impl Pool {
             backoff: Mutex::new(Backoff { failing: false, delay: BACKOFF_START, next_attempt: Instant::now(), last_error: None }),
             login_params: Mutex::new(None),
             shared_settings: Default::default(),
-            next_id: AtomicU64::new(1),
+            next_id: ids,
             budgets: Default::default(),
             total_servers: AtomicUsize::new(0),
             stats: PoolStats::default(),
@@ -374,7 +379,9 @@ impl Pool {
             let mut c = self.idle.lock().pop()?;
             let now = Instant::now();
             let expired = now.duration_since(c.created) >= s.lifetime;
-            let stale = now.duration_since(c.last_used) >= s.check_delay && !c.looks_alive();
+            // A peek (one non-blocking recv) catches a server that said goodbye while idle (Postgres restarting
+            // sends FATAL 57P01 to idle backends); busy pools reuse within milliseconds and skip it.
+            let stale = now.duration_since(c.last_used) >= s.check_delay.min(PEEK_AFTER_IDLE) && !c.looks_alive();
             if expired || stale {
                 self.forget(c);
                 continue;
@@ -423,7 +430,7 @@ impl Pool {
             let target = self.target();
             let timeout =
                 self.settings.lock().connect_timeout.min(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)));
-            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
             match ServerConn::connect(id, &target, timeout).await {
                 Ok(c) => {
                     let mut b = self.backoff.lock();
@@ -496,7 +503,7 @@ impl Pool {
     /// `RECONNECT`: every server connection open now is closed when next idle (idle ones at once); new ones
     /// are opened as needed.
     pub fn reconnect(&self) {
-        self.reconnect_below.store(self.next_id.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.reconnect_below.store(self.next_id.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
         let old: Vec<Box<ServerConn>> = {
             let mut idle = self.idle.lock();
             let (old, keep): (Vec<_>, Vec<_>) = idle.drain(..).partition(|c| self.must_reconnect(c.id));

@@ -274,7 +274,8 @@ pub fn apply(s: &mut Settings, key: &str, v: &str, ignored: &mut Vec<String>) ->
         "query_wait_timeout" => s.query_wait_timeout = Some(zero_is_forever(seconds(v)?)),
         "idle_transaction_timeout" => s.idle_transaction_timeout = Some(seconds(v)?),
         "client_idle_timeout" => s.client_idle_timeout = Some(seconds(v)?),
-        "server_lifetime" => s.server_lifetime = Some(zero_is_forever(seconds(v)?)),
+        // 0: a server connection is used once, then closed (as in PgBouncer).
+        "server_lifetime" => s.server_lifetime = Some(seconds(v)?),
         "server_idle_timeout" => s.server_idle_timeout = Some(zero_is_forever(seconds(v)?)),
         "server_connect_timeout" => s.server_connect_timeout = Some(zero_is_forever(seconds(v)?)),
         "server_login_retry" => s.server_login_retry = Some(seconds(v)?),

@@ -65,8 +65,11 @@ pub struct Database {
     pub connect_query: Option<String>,
     /// ... startup parameters sent upstream (client_encoding, datestyle, timezone) ...
     pub startup: BTreeMap<String, String>,
-    /// ... and a server lifetime of its own.
+    /// ... a server lifetime of its own ...
     pub server_lifetime: Option<Duration>,
+    /// ... and auth_query settings of its own: look secrets up as this user, in that configured database.
+    pub auth_user: Option<String>,
+    pub auth_dbname: Option<String>,
 }
 
 /// A user clients may log in as, with what pgsurge knows of its password.
@@ -205,6 +208,8 @@ impl Config {
                     connect_query: None,
                     startup: BTreeMap::new(),
                     server_lifetime: None,
+                    auth_user: None,
+                    auth_dbname: None,
                 },
             );
         }
@@ -257,6 +262,8 @@ impl Config {
                     connect_query: d.connect_query.clone(),
                     startup: d.startup.clone(),
                     server_lifetime: d.server_lifetime.map(|x| x.0),
+                    auth_user: d.auth_user.clone(),
+                    auth_dbname: d.auth_dbname.clone(),
                 },
             );
         }

@@ -141,8 +141,11 @@ impl Handshake<'_> {
         };
         let client_settings = crate::state::settings::from_startup(&params);
         // Connection caps and rates: refused here (FATAL 53300) before any server work for this client.
+        // The console counts against client caps too, except for its admins (so they can always get in).
+        let console_admin = peer_admin || cfg.admin_users.iter().any(|u| *u == user);
         let admission = match &db {
             Some(d) => Some(self.app.limits.admit(&user, &d.name, self.addr.ip())?),
+            None if !console_admin => Some(self.app.limits.admit(&user, &database, self.addr.ip())?),
             None => None,
         };
 
@@ -164,7 +167,7 @@ impl Handshake<'_> {
             }
             Some(db) => {
                 let pool = self.app.pool(&db, &user_cfg)?;
-                if let Some(cred) = self.passthrough.take() {
+                if let Some(cred) = self.passthrough.take().filter(|_| db.user.is_none()) {
                     pool.set_credential(UpstreamCredential::Scram(cred));
                 }
                 let reported = match pool.login_params() {
@@ -173,6 +176,8 @@ impl Handshake<'_> {
                         // First client of this pool: one server login tells us what to report.
                         let mut c = pool.checkout(cfg.query_wait_timeout).await?;
                         c.state = crate::backend::ReleaseState::Clean;
+                        // A login probe, not a client's assignment (SHOW STATS counts those).
+                        pool.stats.checkouts.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                         c.conn_ref().reported.clone()
                     }
                 };
