@@ -238,6 +238,8 @@ pub fn pool_settings(cfg: &Config, db: &Database, user: &User) -> PoolSettings {
         check_delay: cfg.server_check_delay,
         slow_threshold: cfg.slow_query_threshold,
         slow_share: cfg.slow_pool_share,
+        reserve_size: db.reserve_pool_size.unwrap_or(cfg.reserve_pool_size),
+        reserve_timeout: cfg.reserve_pool_timeout,
     }
 }
 

@@ -42,7 +42,7 @@ pub enum Error {
     RateLimited { message: String, retry_after: Duration },
     #[error("canceling statement due to {0}")]
     Canceled(&'static str),
-    #[error("terminating connection due to idle-in-transaction timeout")]
+    #[error("terminating connection due to idle transaction timeout (idle_transaction_timeout)")]
     IdleInTransactionTimeout,
     #[error("permission denied: {0}")]
     InsufficientPrivilege(String),

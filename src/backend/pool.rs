@@ -32,6 +32,9 @@ pub struct PoolSettings {
     /// The slow lane (backend/lane.rs): `slow_query_threshold` (zero: off) and `slow_pool_share`.
     pub slow_threshold: Duration,
     pub slow_share: f64,
+    /// Extra connections a client may get once it has waited `reserve_timeout` (PgBouncer's reserve pool).
+    pub reserve_size: usize,
+    pub reserve_timeout: Duration,
 }
 
 /// Counters read by the admin console and /metrics.
@@ -114,6 +117,9 @@ pub struct Pool {
     #[allow(clippy::vec_box)]
     idle: Mutex<Vec<Box<ServerConn>>>,
     permits: Arc<Semaphore>,
+    /// The reserve pool's permits, and how many it owns now.
+    reserve: Arc<Semaphore>,
+    reserve_size: AtomicUsize,
     /// Permits currently owned by the pool (its size); the semaphore is grown or shrunk to match on reload.
     size: AtomicUsize,
     /// While connects fail, only the holder of this gate tries; the others wait for its verdict.
@@ -148,7 +154,7 @@ const BACKOFF_CAP: Duration = Duration::from_millis(500);
 impl Pool {
     /// `id`: unique among the pools of this process, never reused (the owner counts them).
     pub fn new(id: u32, key: PoolKey, target: ServerTarget, settings: PoolSettings, ids: Arc<AtomicU64>) -> Arc<Pool> {
-        let size = settings.size;
+        let (size, reserve) = (settings.size, settings.reserve_size);
         let lane = super::lane::Lane::new(size, settings.slow_share, settings.slow_threshold);
         Arc::new(Pool {
             lane,
@@ -158,6 +164,8 @@ impl Pool {
             settings: Mutex::new(settings),
             idle: Mutex::new(Vec::new()),
             permits: Arc::new(Semaphore::new(size)),
+            reserve: Arc::new(Semaphore::new(reserve)),
+            reserve_size: AtomicUsize::new(reserve),
             size: AtomicUsize::new(size),
             connect_gate: tokio::sync::Mutex::new(()),
             backoff: Mutex::new(Backoff { failing: false, delay: BACKOFF_START, next_attempt: Instant::now(), last_error: None }),
@@ -188,6 +196,18 @@ impl Pool {
             tokio::spawn(async move {
                 // Take the permits back as checkouts end, then forget them.
                 if let Ok(p) = permits.acquire_many_owned(shrink as u32).await {
+                    p.forget();
+                }
+            });
+        }
+        let old = self.reserve_size.swap(s.reserve_size, Ordering::SeqCst);
+        if s.reserve_size > old {
+            self.reserve.add_permits(s.reserve_size - old);
+        } else if s.reserve_size < old {
+            let reserve = self.reserve.clone();
+            let shrink = (old - s.reserve_size) as u32;
+            tokio::spawn(async move {
+                if let Ok(p) = reserve.acquire_many_owned(shrink).await {
                     p.forget();
                 }
             });
@@ -291,9 +311,20 @@ impl Pool {
                 None => return Err(self.lane_timeout(wait)),
             }
         } else {
+            let (reserve_size, reserve_at) = {
+                let s = self.settings.lock();
+                (s.reserve_size, started + s.reserve_timeout)
+            };
             let permit = tokio::select! {
                 biased;
                 p = self.permits.clone().acquire_owned() => p.ok(),
+                p = async {
+                    tokio::time::sleep_until(reserve_at).await;
+                    self.reserve.clone().acquire_owned().await
+                }, if reserve_size > 0 => {
+                    tracing::info!(pool = %self.key.database, user = %self.key.user, "taking connection from reserve_pool");
+                    p.ok()
+                }
                 _ = timer => None,
             };
             drop(queue);

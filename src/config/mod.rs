@@ -67,6 +67,8 @@ pub struct Database {
     pub startup: BTreeMap<String, String>,
     /// ... a server lifetime of its own ...
     pub server_lifetime: Option<Duration>,
+    /// ... a reserve pool of its own ...
+    pub reserve_pool_size: Option<usize>,
     /// ... and auth_query settings of its own: look secrets up as this user, in that configured database.
     pub auth_user: Option<String>,
     pub auth_dbname: Option<String>,
@@ -123,6 +125,9 @@ pub struct Config {
     pub slow_query_threshold: Duration,
     /// ... and may hold this share of each pool's server connections (at least one).
     pub slow_pool_share: f64,
+    /// Extra server connections per pool for clients that waited `reserve_pool_timeout` (0: none).
+    pub reserve_pool_size: usize,
+    pub reserve_pool_timeout: Duration,
     /// Directory of the Unix-domain socket `.s.PGSQL.<port>` (None: TCP only).
     pub unix_socket_dir: Option<std::path::PathBuf>,
     /// Log lines are appended here too (PgBouncer's `logfile`).
@@ -210,6 +215,7 @@ impl Config {
                     server_lifetime: None,
                     auth_user: None,
                     auth_dbname: None,
+                    reserve_pool_size: None,
                 },
             );
         }
@@ -264,6 +270,7 @@ impl Config {
                     server_lifetime: d.server_lifetime.map(|x| x.0),
                     auth_user: d.auth_user.clone(),
                     auth_dbname: d.auth_dbname.clone(),
+                    reserve_pool_size: d.reserve_pool_size,
                 },
             );
         }
@@ -317,6 +324,8 @@ impl Config {
             users,
             unix_socket_dir: s.unix_socket_dir.as_deref().filter(|d| !d.is_empty()).map(std::path::PathBuf::from),
             logfile: s.logfile.clone(),
+            reserve_pool_size: s.reserve_pool_size.unwrap_or(0),
+            reserve_pool_timeout: s.reserve_pool_timeout.map(|d| d.0).unwrap_or(Duration::from_secs(5)),
             pidfile: s.pidfile.clone(),
             ignored: s.ignored.clone(),
         })
