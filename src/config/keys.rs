@@ -5,6 +5,10 @@ use std::time::Duration;
 
 use super::{AuthMethod, Config, LogFormat};
 
+fn path(p: &Option<std::path::PathBuf>) -> String {
+    p.as_ref().map(|p| p.display().to_string()).unwrap_or_default()
+}
+
 fn dur(d: Duration) -> String {
     humantime::format_duration(d).to_string()
 }
@@ -21,6 +25,9 @@ pub const RESTART_KEYS: &[&str] = &[
     "cache.max_entry_bytes",
     "cache.default_ttl",
     "cache.rules",
+    "unix_socket_dir",
+    "logfile",
+    "pidfile",
 ];
 
 pub fn rows(c: &Config) -> Vec<(&'static str, String, &'static str, bool)> {
@@ -69,6 +76,9 @@ pub fn rows(c: &Config) -> Vec<(&'static str, String, &'static str, bool)> {
         ("batch.max_wait", dur(c.batch.max_wait), "0s"),
         ("slow_query_threshold", dur(c.slow_query_threshold), "0 (no slow lane)"),
         ("slow_pool_share", c.slow_pool_share.to_string(), "0.5"),
+        ("unix_socket_dir", path(&c.unix_socket_dir), "(none; /tmp from a pgbouncer.ini)"),
+        ("logfile", path(&c.logfile), ""),
+        ("pidfile", path(&c.pidfile), ""),
     ];
     v.into_iter().map(|(k, val, d)| (k, val, d, !RESTART_KEYS.contains(&k))).collect()
 }

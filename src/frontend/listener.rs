@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 use crate::app::{App, Shutdown};
 use crate::error::{Error, Severity};
@@ -24,7 +24,7 @@ pub async fn accept_loop(app: Arc<App>, listener: TcpListener) {
             r = listener.accept() => match r {
                 Ok((stream, addr)) => {
                     let app = app.clone();
-                    tokio::spawn(async move { serve_client(app, stream, addr).await });
+                    tokio::spawn(async move { serve_client(app, Stream::from(stream), addr, false).await });
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off briefly instead of spinning.
@@ -50,8 +50,8 @@ impl Drop for ClientCount {
     }
 }
 
-async fn serve_client(app: Arc<App>, stream: TcpStream, addr: SocketAddr) {
-    let mut stream = Stream::from(stream);
+/// `peer_admin`: a Unix-socket client running as pgsurge's own OS user, let into the console as `pgbouncer`.
+pub(crate) async fn serve_client(app: Arc<App>, mut stream: Stream, addr: SocketAddr, peer_admin: bool) {
     app.counters.clients.fetch_add(1, Ordering::Relaxed);
     app.counters.clients_total.fetch_add(1, Ordering::Relaxed);
     let _count = ClientCount(app.clone());
@@ -59,7 +59,7 @@ async fn serve_client(app: Arc<App>, stream: TcpStream, addr: SocketAddr) {
     let mut rbuf = BytesMut::with_capacity(8 * 1024);
     let login_timeout = app.config.load().client_login_timeout;
     let mut who = None;
-    let hs = Handshake { app: &app, stream: &mut stream, rbuf: &mut rbuf, addr, passthrough: None, who: &mut who };
+    let hs = Handshake { app: &app, stream: &mut stream, rbuf: &mut rbuf, addr, passthrough: None, who: &mut who, peer_admin };
     let logged_in = match tokio::time::timeout(login_timeout, hs.run()).await {
         Ok(Ok(Some(l))) => l,
         Ok(Ok(None)) => return,
@@ -140,7 +140,8 @@ async fn answer_fatal(app: &App, stream: &mut Stream, addr: SocketAddr, who: Opt
 /// A client of the virtual database `pgsurge`/`pgbouncer`: admin and stats users get the console, others 42501.
 async fn admin_console(app: Arc<App>, mut stream: Stream, rbuf: BytesMut, addr: SocketAddr, logged_in: LoggedIn) {
     let who = Some((logged_in.user.clone(), logged_in.database.clone()));
-    let Some(role) = crate::admin::role_of(&app.config.load(), &logged_in.user) else {
+    let role = if logged_in.peer_admin { Some(crate::admin::Role::Admin) } else { crate::admin::role_of(&app.config.load(), &logged_in.user) };
+    let Some(role) = role else {
         let e = Error::InsufficientPrivilege(format!("user \"{}\" is not in admin_users or stats_users", logged_in.user));
         return answer_fatal(&app, &mut stream, addr, who, e).await;
     };

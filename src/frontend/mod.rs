@@ -14,3 +14,4 @@ pub mod relay;
 pub mod retry;
 pub mod session;
 pub mod slow;
+pub mod unix;
