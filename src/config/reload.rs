@@ -23,6 +23,7 @@ pub fn prepare(old: &Config, new: &mut Config) -> Unapplied {
     (new.listen, new.admin_listen, new.workers, new.own_session, new.log_format) =
         (old.listen.clone(), old.admin_listen.clone(), old.workers, old.own_session, old.log_format);
     new.cache = old.cache.clone();
+    new.redis = old.redis.clone();
     let moved = new
         .databases
         .iter()

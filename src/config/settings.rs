@@ -65,6 +65,10 @@ macro_rules! settings {
             #[arg(long = "cache-notify", env = "PGSURGE_CACHE_NOTIFY", num_args = 0..=1, default_missing_value = "true")]
             #[serde(skip)]
             pub cache_notify: Option<bool>,
+            /// Keep the read cache's entries in Redis too, shared by every instance (same as `[cache] redis`; needs --redis).
+            #[arg(long = "cache-redis", env = "PGSURGE_CACHE_REDIS", num_args = 0..=1, default_missing_value = "true")]
+            #[serde(skip)]
+            pub cache_redis: Option<bool>,
             /// `[batch]` table (file only; `--batch` below switches it on).
             #[arg(skip)]
             #[serde(default)]
@@ -94,6 +98,7 @@ macro_rules! settings {
                 if self.cache_flag.is_none() { self.cache_flag = lower.cache_flag; }
                 if self.cache_ttl.is_none() { self.cache_ttl = lower.cache_ttl; }
                 if self.cache_notify.is_none() { self.cache_notify = lower.cache_notify; }
+                if self.cache_redis.is_none() { self.cache_redis = lower.cache_redis; }
                 if self.batch == Default::default() { self.batch = lower.batch; }
                 if self.batch_flag.is_none() { self.batch_flag = lower.batch_flag; }
                 self
@@ -234,6 +239,16 @@ settings! {
     /// Share of each pool's server connections slow statements may hold, in (0, 1] (at least one connection).
     #[arg(long, env = "PGSURGE_SLOW_POOL_SHARE")]
     slow_pool_share: f64,
+    /// Redis shared by every instance: global rate limits (and the shared cache tier with --cache-redis).
+    /// redis://[user:password@]host:port[/db] or rediss:// (TLS).
+    #[arg(long = "redis", env = "PGSURGE_REDIS_URL")]
+    redis_url: String,
+    /// Longest a request waits for one Redis call before deciding without it (local limits, cache skipped).
+    #[arg(long, env = "PGSURGE_REDIS_TIMEOUT")]
+    redis_timeout: Dur,
+    /// Prefix of every Redis key pgsurge writes.
+    #[arg(long, env = "PGSURGE_REDIS_PREFIX")]
+    redis_prefix: String,
 }
 
 /// Subcommands beside the proxy itself.

@@ -130,7 +130,7 @@ impl Handshake<'_> {
         let client_settings = crate::state::settings::from_startup(&params);
         // Connection caps and rates: refused here (FATAL 53300) before any server work for this client.
         let admission = match &db {
-            Some(d) => Some(self.app.limits.admit(&user, &d.name, self.addr.ip())?),
+            Some(d) => Some(self.app.limits.admit(&user, &d.name, self.addr.ip()).await?),
             None => None,
         };
 
