@@ -66,13 +66,19 @@ pub struct App {
     pub cache: Option<Arc<crate::cache::Cache>>,
     /// The N+1 batcher and detector (src/batch); merging is switched by `config.batch.enabled`.
     pub batch: Arc<crate::batch::Batcher>,
+    /// Redis shared with the other instances (`redis_url`): global rates, the shared cache tier.
+    pub redis: Option<Arc<crate::redis::Redis>>,
 }
 
 impl App {
     pub fn new(config: Config) -> Arc<App> {
-        let limits = crate::limit::Limiter::new(&config.limits);
-        let cache = config.cache.enabled.then(|| Arc::new(crate::cache::Cache::new(config.cache.clone())));
+        let redis = config.redis.clone().and_then(|r| {
+            crate::redis::Redis::new(r).map_err(|e| tracing::error!(error = %e, "Redis not used: limits and cache stay local")).ok()
+        });
+        let limits = crate::limit::Limiter::shared(&config.limits, redis.clone());
+        let cache = config.cache.enabled.then(|| Arc::new(crate::cache::Cache::with_redis(config.cache.clone(), redis.clone())));
         Arc::new(App {
+            redis,
             cache,
             batch: Default::default(),
             limits,

@@ -18,6 +18,7 @@ pub mod limit;
 pub mod net;
 pub mod process;
 pub mod protocol;
+pub mod redis;
 pub mod sql;
 pub mod standin;
 pub mod state;
@@ -57,9 +58,15 @@ pub async fn serve_with_unix(
     }
     let http = admin.map(|l| tokio::spawn(admin::http::serve(app.clone(), l)));
     let janitor = tokio::spawn(janitor(app.clone()));
+    // Redis (global limits, shared cache tier): its connection, heartbeat and probe, and the invalidation writer.
+    let redis = app.redis.clone().map(|r| tokio::spawn(r.run()));
+    let shared = app.cache.as_ref().and_then(|c| c.shared.clone()).map(|s| tokio::spawn(s.run()));
     frontend::listener::accept_loop(app.clone(), listener).await;
     drain(&app).await;
     janitor.abort();
+    for task in [redis, shared].into_iter().flatten() {
+        task.abort();
+    }
     if let Some(h) = http {
         h.abort();
     }

@@ -28,6 +28,10 @@ pub const RESTART_KEYS: &[&str] = &[
     "unix_socket_dir",
     "logfile",
     "pidfile",
+    "cache.redis",
+    "redis_url",
+    "redis_timeout",
+    "redis_prefix",
 ];
 
 pub fn rows(c: &Config) -> Vec<(&'static str, String, &'static str, bool)> {
@@ -71,6 +75,10 @@ pub fn rows(c: &Config) -> Vec<(&'static str, String, &'static str, bool)> {
         ("cache.max_entry_bytes", c.cache.max_entry_bytes.to_string(), "1048576"),
         ("cache.default_ttl", dur(c.cache.default_ttl), "1s"),
         ("cache.rules", c.cache.rules.len().to_string(), "0"),
+        ("cache.redis", c.cache.redis.to_string(), "false"),
+        ("redis_url", c.redis.as_ref().map(|r| crate::redis::redact(&r.url)).unwrap_or_default(), ""),
+        ("redis_timeout", c.redis.as_ref().map(|r| dur(r.timeout)).unwrap_or_default(), "5ms"),
+        ("redis_prefix", c.redis.as_ref().map(|r| r.prefix.clone()).unwrap_or_default(), "pgsurge:"),
         ("batch.enabled", c.batch.enabled.to_string(), "false"),
         ("batch.max_batch_size", c.batch.max_batch_size.to_string(), "500"),
         ("batch.max_wait", dur(c.batch.max_wait), "0s"),

@@ -136,6 +136,8 @@ pub struct Config {
     pub pidfile: Option<std::path::PathBuf>,
     /// Keys of a pgbouncer.ini read but not applied, with why.
     pub ignored: Vec<String>,
+    /// Redis shared by the instances (`redis_url`): global rate limits and the shared cache tier (src/redis.rs).
+    pub redis: Option<crate::redis::RedisConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -281,8 +283,16 @@ impl Config {
             return Err(bad("no users: give --upstream with a user and password, --auth-file, or [users] sections"));
         }
         let limits = crate::limit::LimitConfig::build(&client_caps(&s))?;
-        let cache_flags = crate::cache::config::CacheFlags { enabled: s.cache_flag, ttl: s.cache_ttl, notify: s.cache_notify };
+        let cache_flags =
+            crate::cache::config::CacheFlags { enabled: s.cache_flag, ttl: s.cache_ttl, notify: s.cache_notify, redis: s.cache_redis };
+        let redis = match s.redis_url.as_deref().filter(|u| !u.is_empty()) {
+            Some(u) => Some(crate::redis::RedisConfig::build(u, s.redis_timeout.map(|d| d.0), s.redis_prefix.as_deref()).map_err(bad)?),
+            None => None,
+        };
         let cache = crate::cache::config::CacheConfig::build(&s.cache, cache_flags).map_err(bad)?;
+        if cache.redis && redis.is_none() {
+            return Err(bad("cache.redis (--cache-redis) needs redis_url (--redis)"));
+        }
         let batch = crate::cache::config::BatchConfig::build(&s.batch, s.batch_flag).map_err(bad)?;
         let slow_pool_share = s.slow_pool_share.unwrap_or(0.5);
         if !(slow_pool_share > 0.0 && slow_pool_share <= 1.0) {
@@ -291,6 +301,7 @@ impl Config {
         Ok(Config {
             slow_query_threshold: s.slow_query_threshold.map(|d| d.0).unwrap_or_default(),
             slow_pool_share,
+            redis,
             limits,
             cache,
             batch,

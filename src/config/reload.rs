@@ -24,6 +24,7 @@ pub fn prepare(old: &Config, new: &mut Config) -> Unapplied {
         (old.listen.clone(), old.admin_listen.clone(), old.workers, old.own_session, old.log_format);
     new.cache = old.cache.clone();
     (new.unix_socket_dir, new.logfile, new.pidfile) = (old.unix_socket_dir.clone(), old.logfile.clone(), old.pidfile.clone());
+    new.redis = old.redis.clone();
     let moved = new
         .databases
         .iter()

@@ -65,6 +65,10 @@ macro_rules! settings {
             #[arg(long = "cache-notify", env = "PGSURGE_CACHE_NOTIFY", num_args = 0..=1, default_missing_value = "true")]
             #[serde(skip)]
             pub cache_notify: Option<bool>,
+            /// Keep the read cache's entries in Redis too, shared by every instance (same as `[cache] redis`; needs --redis).
+            #[arg(long = "cache-redis", env = "PGSURGE_CACHE_REDIS", num_args = 0..=1, default_missing_value = "true")]
+            #[serde(skip)]
+            pub cache_redis: Option<bool>,
             /// `[batch]` table (file only; `--batch` below switches it on).
             #[arg(skip)]
             #[serde(default)]
@@ -98,6 +102,7 @@ macro_rules! settings {
                 if self.cache_flag.is_none() { self.cache_flag = lower.cache_flag; }
                 if self.cache_ttl.is_none() { self.cache_ttl = lower.cache_ttl; }
                 if self.cache_notify.is_none() { self.cache_notify = lower.cache_notify; }
+                if self.cache_redis.is_none() { self.cache_redis = lower.cache_redis; }
                 if self.batch == Default::default() { self.batch = lower.batch; }
                 if self.batch_flag.is_none() { self.batch_flag = lower.batch_flag; }
                 self.ignored.extend(lower.ignored);
@@ -271,6 +276,16 @@ settings! {
     /// After a failed server login, wait this long before trying that pool's server again.
     #[arg(long, env = "PGSURGE_SERVER_LOGIN_RETRY")]
     server_login_retry: Dur,
+    /// Redis shared by every instance: global rate limits (and the shared cache tier with --cache-redis).
+    /// redis://[user:password@]host:port[/db] or rediss:// (TLS).
+    #[arg(long = "redis", env = "PGSURGE_REDIS_URL")]
+    redis_url: String,
+    /// Longest a request waits for one Redis call before deciding without it (local limits, cache skipped).
+    #[arg(long, env = "PGSURGE_REDIS_TIMEOUT")]
+    redis_timeout: Dur,
+    /// Prefix of every Redis key pgsurge writes.
+    #[arg(long, env = "PGSURGE_REDIS_PREFIX")]
+    redis_prefix: String,
 }
 
 /// Subcommands beside the proxy itself.

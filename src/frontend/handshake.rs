@@ -144,8 +144,8 @@ impl Handshake<'_> {
         // The console counts against client caps too, except for its admins (so they can always get in).
         let console_admin = peer_admin || cfg.admin_users.iter().any(|u| *u == user);
         let admission = match &db {
-            Some(d) => Some(self.app.limits.admit(&user, &d.name, self.addr.ip())?),
-            None if !console_admin => Some(self.app.limits.admit(&user, &database, self.addr.ip())?),
+            Some(d) => Some(self.app.limits.admit(&user, &d.name, self.addr.ip()).await?),
+            None if !console_admin => Some(self.app.limits.admit(&user, &database, self.addr.ip()).await?),
             None => None,
         };
 

@@ -347,7 +347,7 @@ impl Session {
                     None => (self.parts.analyses.get(sql), None, None),
                     Some((r, _, bind)) => (r.statement.analysis(&self.parts.analyses).clone(), Some(bind), Some(&*r.statement)),
                 };
-                let miss = caching::Miss { key, sql, analysis: &analysis, bind, statement };
+                let miss = caching::Miss { key, sql, analysis: &analysis, bind, statement, settings: &self.state.wanted };
                 match caching::miss(&cache, &self.parts.pool, self.wait_timeout, &miss, writes).await? {
                     caching::Outcome::Hit(e) => e,
                     caching::Outcome::Fill(c) => {

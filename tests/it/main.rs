@@ -12,6 +12,7 @@ mod limits;
 mod ops;
 mod pooling;
 mod process;
+mod redis;
 mod resilience;
 mod slow;
 mod tls;
