@@ -35,6 +35,8 @@ pub struct LoggedIn {
     pub peer_admin: bool,
 }
 
+// One per login, moved once: not worth a box.
+#[allow(clippy::large_enum_variant)]
 pub enum Target {
     Pool(Arc<Pool>, Database),
     Admin,
@@ -142,7 +144,7 @@ impl Handshake<'_> {
         let client_settings = crate::state::settings::from_startup(&params);
         // Connection caps and rates: refused here (FATAL 53300) before any server work for this client.
         // The console counts against client caps too, except for its admins (so they can always get in).
-        let console_admin = peer_admin || cfg.admin_users.iter().any(|u| *u == user);
+        let console_admin = peer_admin || cfg.admin_users.contains(&user);
         let admission = match &db {
             Some(d) => Some(self.app.limits.admit(&user, &d.name, self.addr.ip()).await?),
             None if !console_admin => Some(self.app.limits.admit(&user, &database, self.addr.ip()).await?),

@@ -142,7 +142,7 @@ async fn a_global_connection_cap_counts_every_instance_and_frees_on_disconnect()
     let a = proxies[0].client().await;
     let _b = proxies[1].client().await;
     for p in &proxies {
-        let e = try_connect(&p.app_url()).await.err().expect("a third connection is over the cap of both together");
+        let e = try_connect(&p.app_url()).await.expect_err("a third connection is over the cap of both together");
         assert_eq!(code(&e), "53300", "{e}");
     }
     drop(a);
