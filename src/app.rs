@@ -142,6 +142,9 @@ impl App {
             credential,
             max_prepared,
             tls: cfg.server_tls.clone(),
+            more_hosts: db.more_hosts.clone().into(),
+            attrs: db.target_session_attrs,
+            tcp: cfg.server_tcp,
         };
         let id = self.pool_ids.fetch_add(1, Ordering::Relaxed) + 1;
         let pool = Pool::new(id, key.clone(), target, pool_settings(&cfg, db, user));
@@ -224,6 +227,7 @@ pub fn pool_settings(cfg: &Config, db: &Database, user: &User) -> PoolSettings {
         check_delay: cfg.server_check_delay,
         slow_threshold: cfg.slow_query_threshold,
         slow_share: cfg.slow_pool_share,
+        tcp: cfg.server_tcp,
     }
 }
 

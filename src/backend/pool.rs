@@ -32,6 +32,8 @@ pub struct PoolSettings {
     /// The slow lane (backend/lane.rs): `slow_query_threshold` (zero: off) and `slow_pool_share`.
     pub slow_threshold: Duration,
     pub slow_share: f64,
+    /// Keepalive and TCP_USER_TIMEOUT of new server connections.
+    pub tcp: super::socket::TcpOpts,
 }
 
 /// Counters read by the admin console and /metrics.
@@ -75,6 +77,9 @@ pub struct ServerInfo {
     pub connect_time: std::time::SystemTime,
     pub local_addr: Option<std::net::SocketAddr>,
     pub remote: String,
+    /// The host and port it is to: one of the target's hosts (after a failover, not the first).
+    pub host: String,
+    pub port: u16,
     pub backend_pid: u32,
     pub tls: bool,
 }
@@ -140,8 +145,9 @@ const BACKOFF_CAP: Duration = Duration::from_millis(500);
 
 impl Pool {
     /// `id`: unique among the pools of this process, never reused (the owner counts them).
-    pub fn new(id: u32, key: PoolKey, target: ServerTarget, settings: PoolSettings) -> Arc<Pool> {
+    pub fn new(id: u32, key: PoolKey, mut target: ServerTarget, settings: PoolSettings) -> Arc<Pool> {
         let size = settings.size;
+        target.tcp = settings.tcp;
         let lane = super::lane::Lane::new(size, settings.slow_share, settings.slow_threshold);
         Arc::new(Pool {
             lane,
@@ -185,6 +191,7 @@ impl Pool {
             });
         }
         self.lane.configure(s.size, s.slow_share, s.slow_threshold);
+        self.target.lock().tcp = s.tcp;
         *self.settings.lock() = s;
     }
 
@@ -421,7 +428,12 @@ impl Pool {
             let timeout =
                 self.settings.lock().connect_timeout.min(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)));
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-            match ServerConn::connect(id, &target, timeout).await {
+            // Each host gets `timeout`; all of them together get what is left of the wait.
+            let attempt = tokio::time::timeout_at(deadline.max(Instant::now() + timeout), ServerConn::connect(id, &target, timeout));
+            let result = attempt.await.unwrap_or_else(|_| {
+                Err(Error::UpstreamConnect { addr: target.addr(), reason: format!("no host answered within {}ms", wait.as_millis()) })
+            });
+            match result {
                 Ok(c) => {
                     let mut b = self.backoff.lock();
                     b.failing = false;
@@ -435,7 +447,9 @@ impl Pool {
                         id: c.id,
                         connect_time: std::time::SystemTime::now(),
                         local_addr: c.stream.local_addr().ok(),
-                        remote: target.addr(),
+                        remote: c.addr(),
+                        host: c.cancel_target.host.clone(),
+                        port: c.cancel_target.port,
                         backend_pid: c.cancel_target.pid,
                         tls: c.stream.is_tls(),
                     };
