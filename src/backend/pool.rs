@@ -465,10 +465,14 @@ impl Pool {
                     b.failing = true;
                     b.next_attempt = Instant::now() + b.delay;
                     b.delay = (b.delay * 2).min(BACKOFF_CAP);
-                    b.last_error = Some(match &e {
-                        Error::UpstreamConnect { reason, .. } => reason.clone(),
-                        other => other.to_string(),
-                    });
+                    // An attempt the wait's end cut short says less than the full ones before it ("timed out
+                    // after 21ms" instead of "is read-only"): the client is told why those failed.
+                    if b.last_error.is_none() || Instant::now() < deadline {
+                        b.last_error = Some(match &e {
+                            Error::UpstreamConnect { reason, .. } => reason.clone(),
+                            other => other.to_string(),
+                        });
+                    }
                     drop(b);
                     tracing::warn!(pool = %self.key.database, user = %self.key.user, error = %e, "server connect failed; retrying");
                     if Instant::now() >= deadline {
