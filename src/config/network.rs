@@ -66,3 +66,57 @@ pub(super) fn database_hosts(name: &str, d: &DatabaseSettings, default: Option<(
     let (host, port) = list.next().expect("at least one host");
     Ok((host, port, list.collect()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Config, Settings};
+    use crate::backend::hosts::TargetSessionAttrs;
+    use std::time::Duration;
+
+    fn build(file: &str) -> Result<Config, super::ConfigError> {
+        let file: Settings = toml::from_str(file).map_err(|e| super::ConfigError(e.to_string()))?;
+        Config::build(Settings { upstream: Some("postgres://app:pw@127.0.0.1:5433/app".into()), ..Default::default() }.layer(file))
+    }
+
+    #[test]
+    fn a_database_lists_hosts_and_ports_as_libpq_does() {
+        let c = build("target_session_attrs = \"primary\"\n[databases.two]\nhost = \"h1, h2\"\nport = \"5432,5433\"\ntarget_session_attrs = \"read-write\"\n[databases.one_port]\nhost = \"a,b\"\nport = 6000\n[databases.plain]\nhost = \"x\"").unwrap();
+        let two = &c.databases["two"];
+        assert_eq!((two.host.as_str(), two.port, two.more_hosts.clone()), ("h1", 5432, vec![("h2".to_string(), 5433)]));
+        assert_eq!(two.target_session_attrs, TargetSessionAttrs::ReadWrite);
+        let one = &c.databases["one_port"];
+        assert_eq!((one.port, one.more_hosts.clone()), (6000, vec![("b".to_string(), 6000)]), "one port for every host");
+        assert_eq!(one.target_session_attrs, TargetSessionAttrs::Primary, "the top-level key");
+        assert_eq!(c.databases["app"].target_session_attrs, TargetSessionAttrs::Primary, "the upstream URL's too");
+        assert!(c.databases["plain"].more_hosts.is_empty());
+        for bad in [
+            "[databases.x]\nhost = \"a,b,c\"\nport = \"1,2\"",
+            "[databases.x]\nhost = \"a,,b\"",
+            "[databases.x]\nhost = \"a\"\nport = \"x\"",
+            "[databases.x]\ntarget_session_attrs = \"master\"",
+            "target_session_attrs = \"anything\"",
+        ] {
+            assert!(build(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn keepalive_keys_are_checked() {
+        let c = build("").unwrap();
+        assert!(c.server_tcp.keepalive);
+        assert_eq!(
+            (c.server_tcp.idle, c.server_tcp.count, c.server_tcp.user_timeout),
+            (Duration::from_secs(30), 3, Duration::from_secs(60))
+        );
+        let c =
+            build("server_tcp_keepalive = false\nserver_tcp_keepidle = \"5s\"\nserver_tcp_keepcnt = 9\ntcp_user_timeout = \"0\"").unwrap();
+        assert_eq!((c.server_tcp.keepalive, c.server_tcp.idle, c.server_tcp.count), (false, Duration::from_secs(5), 9));
+        assert!(c.server_tcp.user_timeout.is_zero());
+        for bad in
+            ["server_tcp_keepidle = \"500ms\"", "server_tcp_keepintvl = \"0\"", "server_tcp_keepcnt = 0", "tcp_user_timeout = \"2d\""]
+        {
+            let e = build(bad).unwrap_err().to_string();
+            assert!(e.contains(bad.split(' ').next().unwrap()), "{bad}: {e}");
+        }
+    }
+}
