@@ -150,6 +150,9 @@ impl App {
             credential,
             max_prepared,
             tls: cfg.server_tls.clone(),
+            more_hosts: db.more_hosts.clone().into(),
+            attrs: db.target_session_attrs,
+            tcp: cfg.server_tcp,
         };
         let id = self.pool_ids.fetch_add(1, Ordering::Relaxed) + 1;
         let pool = Pool::new(id, key.clone(), target, pool_settings(&cfg, db, user), self.ops.clients.ids.clone());
@@ -246,6 +249,7 @@ pub fn pool_settings(cfg: &Config, db: &Database, user: &User) -> PoolSettings {
         slow_share: cfg.slow_pool_share,
         reserve_size: db.reserve_pool_size.unwrap_or(cfg.reserve_pool_size),
         reserve_timeout: cfg.reserve_pool_timeout,
+        tcp: cfg.server_tcp,
     }
 }
 

@@ -63,6 +63,9 @@ impl App {
             credential,
             max_prepared: std::num::NonZeroUsize::MIN,
             tls: cfg.server_tls.clone(),
+            more_hosts: db.more_hosts.clone().into(),
+            attrs: db.target_session_attrs,
+            tcp: cfg.server_tcp,
         };
         let secret = lookup(&target, &cfg.auth_query, name, cfg.server_connect_timeout).await?;
         if secret.is_none() {

@@ -35,6 +35,8 @@ pub struct PoolSettings {
     /// Extra connections a client may get once it has waited `reserve_timeout` (PgBouncer's reserve pool).
     pub reserve_size: usize,
     pub reserve_timeout: Duration,
+    /// Keepalive and TCP_USER_TIMEOUT of new server connections.
+    pub tcp: super::socket::TcpOpts,
 }
 
 /// Counters read by the admin console and /metrics.
@@ -78,6 +80,9 @@ pub struct ServerInfo {
     pub connect_time: std::time::SystemTime,
     pub local_addr: Option<std::net::SocketAddr>,
     pub remote: String,
+    /// The host and port it is to: one of the target's hosts (after a failover, not the first).
+    pub host: String,
+    pub port: u16,
     pub backend_pid: u32,
     pub tls: bool,
 }
@@ -153,8 +158,9 @@ const BACKOFF_CAP: Duration = Duration::from_millis(500);
 
 impl Pool {
     /// `id`: unique among the pools of this process, never reused (the owner counts them).
-    pub fn new(id: u32, key: PoolKey, target: ServerTarget, settings: PoolSettings, ids: Arc<AtomicU64>) -> Arc<Pool> {
+    pub fn new(id: u32, key: PoolKey, mut target: ServerTarget, settings: PoolSettings, ids: Arc<AtomicU64>) -> Arc<Pool> {
         let (size, reserve) = (settings.size, settings.reserve_size);
+        target.tcp = settings.tcp;
         let lane = super::lane::Lane::new(size, settings.slow_share, settings.slow_threshold);
         Arc::new(Pool {
             lane,
@@ -213,6 +219,7 @@ impl Pool {
             });
         }
         self.lane.configure(s.size, s.slow_share, s.slow_threshold);
+        self.target.lock().tcp = s.tcp;
         *self.settings.lock() = s;
     }
 
@@ -462,7 +469,12 @@ impl Pool {
             let timeout =
                 self.settings.lock().connect_timeout.min(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)));
             let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
-            match ServerConn::connect(id, &target, timeout).await {
+            // Each host gets `timeout`; all of them together get what is left of the wait.
+            let attempt = tokio::time::timeout_at(deadline.max(Instant::now() + timeout), ServerConn::connect(id, &target, timeout));
+            let result = attempt.await.unwrap_or_else(|_| {
+                Err(Error::UpstreamConnect { addr: target.addr(), reason: format!("no host answered within {}ms", wait.as_millis()) })
+            });
+            match result {
                 Ok(c) => {
                     let mut b = self.backoff.lock();
                     b.failing = false;
@@ -476,7 +488,9 @@ impl Pool {
                         id: c.id,
                         connect_time: std::time::SystemTime::now(),
                         local_addr: c.stream.local_addr().ok(),
-                        remote: target.addr(),
+                        remote: c.addr(),
+                        host: c.cancel_target.host.clone(),
+                        port: c.cancel_target.port,
                         backend_pid: c.cancel_target.pid,
                         tls: c.stream.is_tls(),
                     };
@@ -492,10 +506,14 @@ impl Pool {
                     b.failing = true;
                     b.next_attempt = Instant::now() + b.delay;
                     b.delay = (b.delay * 2).min(BACKOFF_CAP);
-                    b.last_error = Some(match &e {
-                        Error::UpstreamConnect { reason, .. } => reason.clone(),
-                        other => other.to_string(),
-                    });
+                    // An attempt the wait's end cut short says less than the full ones before it ("timed out
+                    // after 21ms" instead of "is read-only"): the client is told why those failed.
+                    if b.last_error.is_none() || Instant::now() < deadline {
+                        b.last_error = Some(match &e {
+                            Error::UpstreamConnect { reason, .. } => reason.clone(),
+                            other => other.to_string(),
+                        });
+                    }
                     drop(b);
                     tracing::warn!(pool = %self.key.database, user = %self.key.user, error = %e, "server connect failed; retrying");
                     if Instant::now() >= deadline {

@@ -183,15 +183,9 @@ fn database(v: &str, name: &str, ignored: &mut Vec<String>) -> Result<DatabaseSe
     let mut d = DatabaseSettings::default();
     for (k, val) in connstr(v)? {
         match k.as_str() {
-            "host" => {
-                // A host list: pgsurge uses the first (the rest is named as ignored).
-                let mut hosts = val.split(',');
-                d.host = hosts.next().map(str::to_string).filter(|h| !h.is_empty());
-                if hosts.next().is_some() {
-                    ignored.push(format!("databases.{name} host: only the first of a host list is used"));
-                }
-            }
-            "port" => d.port = Some(num(&val)?),
+            // A host list (`h1,h2`, with `port = 5432,5433`) is tried in order, as libpq does.
+            "host" => d.host = Some(val).filter(|h| !h.is_empty()),
+            "port" => d.port = Some(super::Ports(super::upstream::parse_ports(&val)?)),
             "dbname" => d.dbname = Some(val),
             "user" | "username" => d.user = Some(val),
             "password" => d.password = Some(val),

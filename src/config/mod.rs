@@ -3,6 +3,7 @@
 mod authfile;
 pub mod ini;
 pub mod keys;
+mod network;
 pub mod reload;
 mod settings;
 mod upstream;
@@ -13,7 +14,7 @@ use std::path::Path;
 use std::time::Duration;
 
 pub use authfile::parse_auth_file;
-pub use settings::{Command, DatabaseSettings, DemoArgs, Dur, Settings, UserSettings};
+pub use settings::{Command, DatabaseSettings, DemoArgs, Dur, Ports, Settings, UserSettings};
 pub use upstream::UpstreamUrl;
 
 use crate::auth::secret::Secret;
@@ -52,8 +53,12 @@ pub enum LogFormat {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Database {
     pub name: String,
+    /// The first upstream host (of several, as libpq lists them) and its port.
     pub host: String,
     pub port: u16,
+    /// The hosts tried after the first, in order, and what a host must be to be used.
+    pub more_hosts: Vec<(String, u16)>,
+    pub target_session_attrs: crate::backend::hosts::TargetSessionAttrs,
     pub dbname: String,
     /// Forced upstream login, else the client's own user.
     pub user: Option<(String, Option<String>)>,
@@ -97,6 +102,8 @@ pub struct Config {
     pub server_lifetime: Duration,
     pub server_idle_timeout: Duration,
     pub server_check_delay: Duration,
+    /// server_tcp_keepalive / _keepidle / _keepintvl / _keepcnt and tcp_user_timeout.
+    pub server_tcp: crate::backend::socket::TcpOpts,
     pub client_login_timeout: Duration,
     pub shutdown_timeout: Duration,
     pub auth_type: AuthMethod,
@@ -191,6 +198,8 @@ impl Config {
         }
 
         let upstream = s.upstream.as_deref().map(UpstreamUrl::parse).transpose().map_err(bad)?;
+        let attrs = network::upstream_attrs(s.target_session_attrs.as_deref())?;
+        let server_tcp = network::server_tcp(&s)?;
         let (client_tls_mode, client_tls) = client_tls(&s)?;
         let server_tls = server_tls(&s, upstream.as_ref().and_then(|u| u.sslmode.as_deref()))?;
 
@@ -207,6 +216,8 @@ impl Config {
                     name: u.dbname.clone(),
                     host: u.host,
                     port: u.port,
+                    more_hosts: u.more_hosts,
+                    target_session_attrs: u.target_session_attrs.unwrap_or(attrs),
                     dbname: u.dbname,
                     user: None,
                     pool_size,
@@ -250,11 +261,14 @@ impl Config {
         }
         for (name, d) in &s.databases {
             let default_host = databases.values().next().map(|x: &Database| (x.host.clone(), x.port));
-            let host = d.host.clone().or_else(|| default_host.as_ref().map(|h| h.0.clone())).unwrap_or_else(|| "127.0.0.1".into());
-            let port = d.port.or(default_host.map(|h| h.1)).unwrap_or(5432);
+            let (host, port, more_hosts) = network::database_hosts(name, d, default_host)?;
             let db_mode = match &d.pool_mode {
                 Some(m) => parse_pool_mode(m)?,
                 None => pool_mode,
+            };
+            let target_session_attrs = match &d.target_session_attrs {
+                Some(a) => network::upstream_attrs(Some(a)).map_err(|e| bad(format!("databases.{name}.{}", e.0)))?,
+                None => attrs,
             };
             databases.insert(
                 name.clone(),
@@ -262,6 +276,8 @@ impl Config {
                     name: name.clone(),
                     host,
                     port,
+                    more_hosts,
+                    target_session_attrs,
                     dbname: d.dbname.clone().unwrap_or_else(|| name.clone()),
                     user: d.user.clone().map(|u| (u, d.password.clone())),
                     pool_size: d.pool_size.unwrap_or(pool_size),
@@ -316,6 +332,7 @@ impl Config {
             server_lifetime: s.server_lifetime.map(|d| d.0).unwrap_or(Duration::from_secs(3600)),
             server_idle_timeout: s.server_idle_timeout.map(|d| d.0).unwrap_or(Duration::from_secs(600)),
             server_check_delay: s.server_check_delay.map(|d| d.0).unwrap_or(Duration::from_secs(1)),
+            server_tcp,
             client_login_timeout: s.client_login_timeout.map(|d| d.0).unwrap_or(Duration::from_secs(60)),
             shutdown_timeout: s.shutdown_timeout.map(|d| d.0).unwrap_or(Duration::from_secs(30)),
             auth_type,

@@ -28,7 +28,12 @@ pub fn prepare(old: &Config, new: &mut Config) -> Unapplied {
     let moved = new
         .databases
         .iter()
-        .filter(|(name, db)| old.databases.get(*name).is_some_and(|o| (&o.host, o.port, &o.dbname) != (&db.host, db.port, &db.dbname)))
+        .filter(|(name, db)| {
+            old.databases.get(*name).is_some_and(|o| {
+                (&o.host, o.port, &o.more_hosts, o.target_session_attrs, &o.dbname)
+                    != (&db.host, db.port, &db.more_hosts, db.target_session_attrs, &db.dbname)
+            })
+        })
         .map(|(name, _)| name.clone())
         .collect();
     Unapplied { notes, moved }

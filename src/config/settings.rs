@@ -154,6 +154,28 @@ settings! {
     /// A server connection idle longer than this is checked for liveness before reuse.
     #[arg(long, env = "PGSURGE_SERVER_CHECK_DELAY")]
     server_check_delay: Dur,
+    /// TCP keepalive on server connections, so a vanished peer is noticed while idle: true | false (default true).
+    #[arg(long, env = "PGSURGE_SERVER_TCP_KEEPALIVE", num_args = 0..=1, default_missing_value = "true")]
+    server_tcp_keepalive: bool,
+    /// Idle time before the first keepalive probe (default 30s; whole seconds).
+    #[arg(long, env = "PGSURGE_SERVER_TCP_KEEPIDLE")]
+    server_tcp_keepidle: Dur,
+    /// Time between keepalive probes (default 10s; whole seconds).
+    #[arg(long, env = "PGSURGE_SERVER_TCP_KEEPINTVL")]
+    server_tcp_keepintvl: Dur,
+    /// Unanswered keepalive probes before a server connection is dropped (default 3).
+    #[arg(long, env = "PGSURGE_SERVER_TCP_KEEPCNT")]
+    server_tcp_keepcnt: u32,
+    /// Linux TCP_USER_TIMEOUT of server connections: data unacknowledged this long drops them (default 60s; 0: OS default).
+    #[arg(long, env = "PGSURGE_TCP_USER_TIMEOUT")]
+    tcp_user_timeout: Dur,
+    /// After query_timeout sends a cancel, how long the server has to end the statement before pgsurge closes
+    /// its connection and the client gets FATAL 57014 (default 1s).
+    #[arg(long, env = "PGSURGE_QUERY_CANCEL_TIMEOUT")]
+    query_cancel_timeout: Dur,
+    /// Which of several upstream hosts to use, as libpq: any | read-write | read-only | primary | standby | prefer-standby.
+    #[arg(long, env = "PGSURGE_TARGET_SESSION_ATTRS")]
+    target_session_attrs: String,
     /// A client that has not finished startup and login within this is closed.
     #[arg(long, env = "PGSURGE_CLIENT_LOGIN_TIMEOUT")]
     client_login_timeout: Dur,
@@ -316,8 +338,12 @@ pub struct DemoArgs {
 #[derive(Debug, Default, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DatabaseSettings {
+    /// One host, or several as libpq takes them: `"h1,h2"`.
     pub host: Option<String>,
-    pub port: Option<u16>,
+    /// One port (`5432`), or one per host (`"5432,5433"`).
+    pub port: Option<Ports>,
+    /// any | read-write | read-only | primary | standby | prefer-standby (default: the top-level key, else any).
+    pub target_session_attrs: Option<String>,
     pub dbname: Option<String>,
     /// Log in upstream as this user for every client (else each client logs in as itself).
     pub user: Option<String>,
@@ -339,6 +365,25 @@ pub struct DatabaseSettings {
     pub auth_user: Option<String>,
     pub auth_dbname: Option<String>,
     pub server_lifetime: Option<Dur>,
+}
+
+/// `port` of a `[databases.NAME]` section: a number, or a string of comma-separated numbers (one per host).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ports(pub Vec<u16>);
+
+impl<'de> Deserialize<'de> for Ports {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            One(u16),
+            List(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::One(p) => Ok(Ports(vec![p])),
+            Raw::List(s) => super::upstream::parse_ports(&s).map(Ports).map_err(serde::de::Error::custom),
+        }
+    }
 }
 
 /// `[users.NAME]`: a user clients may log in as.

@@ -173,6 +173,7 @@ impl Session {
                 Io::Client(Ok(_)) => {}
                 Io::Client(Err(e)) => return Err(e.into()),
                 Io::Server(Ok(n)) if n > 0 => {
+                    self.timers.heard();
                     let tx = self.mode == PoolMode::Transaction;
                     let (relay, mut cx) = self.ctx();
                     relay.on_server(&mut cx, tx).await?;
@@ -184,9 +185,10 @@ impl Session {
                 Io::Shutdown => return Err(Error::Shutdown),
                 Io::Timer(Fired::Query) => {
                     // The client then gets Postgres' own 57014; the slot's lock keeps the cancel off other clients.
-                    let slot = self.relay.cancel.clone();
-                    tokio::spawn(async move { slot.cancel_current().await });
+                    let (slot, within) = (self.relay.cancel.clone(), self.timers.cancel_grace());
+                    tokio::spawn(async move { slot.cancel_current(within).await });
                 }
+                Io::Timer(Fired::CancelUnanswered) => return Err(self.relay.abandon(&self.parts.pool, &mut self.fill).await),
                 Io::Timer(Fired::IdleInTransaction) => return Err(Error::IdleInTransactionTimeout),
             }
         }

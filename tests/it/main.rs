@@ -4,9 +4,11 @@ mod harness;
 
 mod auth;
 mod batch;
+mod blackhole;
 mod cache;
 mod demo;
 mod drivers;
+mod failover;
 mod invalidation;
 mod limits;
 mod ops;
