@@ -6,6 +6,15 @@ mod demo;
 
 use std::process::ExitCode;
 
+// The allocator (a build choice, see Cargo.toml's features): one that returns freed memory to the system, so RSS
+// falls back after a crowd of clients leaves.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+#[cfg(all(feature = "jemalloc", not(feature = "mimalloc")))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use clap::Parser;
 use pgsurge::config::{Command, Config, LogFormat, Settings};
 use pgsurge::{App, Shutdown};
@@ -32,6 +41,7 @@ fn main() -> ExitCode {
         LogFormat::Json => tracing_subscriber::fmt().json().with_env_filter(filter).with_writer(std::io::stderr).init(),
         LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).init(),
     }
+    pgsurge::process::check_open_files(&config);
     if config.own_session {
         match pgsurge::process::start_own_session() {
             pgsurge::process::Placement::Failed(e) => tracing::warn!(error = %e, "could not start a session of its own (own_session)"),

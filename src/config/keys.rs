@@ -45,7 +45,7 @@ pub fn rows(c: &Config) -> Vec<(&'static str, String, &'static str, bool)> {
         ("server_lifetime", dur(c.server_lifetime), "1h"),
         ("server_idle_timeout", dur(c.server_idle_timeout), "10m"),
         ("server_check_delay", dur(c.server_check_delay), "1s"),
-        ("client_login_timeout", dur(c.client_login_timeout), "1m"),
+        ("client_login_timeout", dur(c.client_login_timeout), "10s"),
         ("shutdown_timeout", dur(c.shutdown_timeout), "30s"),
         ("auth_type", auth.into(), "scram-sha-256"),
         ("max_message_size", c.max_message_size.to_string(), "268435456"),

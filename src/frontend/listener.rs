@@ -19,18 +19,19 @@ use crate::protocol::encode;
 /// Accepts until shutdown begins.
 pub async fn accept_loop(app: Arc<App>, listener: TcpListener) {
     let mut shutdown = app.shutdown.subscribe();
+    // Out of descriptors: refuse with 53300 rather than leave clients hanging (accept.rs).
+    let mut acceptor = super::accept::Acceptor::new(&app);
     loop {
         tokio::select! {
             r = listener.accept() => match r {
+                Ok((stream, addr)) if acceptor.over_budget(app.client_count()) => {
+                    acceptor.refuse(stream, addr, "no more connections allowed: the open-files limit leaves no room for more clients");
+                }
                 Ok((stream, addr)) => {
-                    let app = app.clone();
-                    tokio::spawn(async move { serve_client(app, stream, addr).await });
+                    let count = ClientCount::new(app.clone());
+                    tokio::spawn(async move { serve_client(count, stream, addr).await });
                 }
-                Err(e) => {
-                    // Out of file descriptors and the like: back off briefly instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                }
+                Err(e) => acceptor.failed(&listener, e).await,
             },
             _ = shutdown.changed() => {
                 if *shutdown.borrow() != Shutdown::Running {
@@ -41,8 +42,17 @@ pub async fn accept_loop(app: Arc<App>, listener: TcpListener) {
     }
 }
 
-/// Decrements the live-client count however the task ends.
+/// Counts a client from its accept (so a burst of accepts sees every one before their tasks run) and uncounts it
+/// however its task ends, even one never polled.
 struct ClientCount(Arc<App>);
+
+impl ClientCount {
+    fn new(app: Arc<App>) -> ClientCount {
+        app.counters.clients.fetch_add(1, Ordering::Relaxed);
+        app.counters.clients_total.fetch_add(1, Ordering::Relaxed);
+        ClientCount(app)
+    }
+}
 
 impl Drop for ClientCount {
     fn drop(&mut self) {
@@ -50,17 +60,18 @@ impl Drop for ClientCount {
     }
 }
 
-async fn serve_client(app: Arc<App>, stream: TcpStream, addr: SocketAddr) {
+async fn serve_client(count: ClientCount, stream: TcpStream, addr: SocketAddr) {
+    let app = count.0.clone();
+    let _count = count;
     let mut stream = Stream::from(stream);
-    app.counters.clients.fetch_add(1, Ordering::Relaxed);
-    app.counters.clients_total.fetch_add(1, Ordering::Relaxed);
-    let _count = ClientCount(app.clone());
     let _ = stream.set_nodelay(true);
-    let mut rbuf = BytesMut::with_capacity(8 * 1024);
+    // Room for a startup packet and the SCRAM messages; a client's requests later read into lent buffers.
+    let mut rbuf = BytesMut::with_capacity(512);
     let login_timeout = app.config.load().client_login_timeout;
     let mut who = None;
     let hs = Handshake { app: &app, stream: &mut stream, rbuf: &mut rbuf, addr, passthrough: None, who: &mut who };
-    let logged_in = match tokio::time::timeout(login_timeout, hs.run()).await {
+    // Boxed: the handshake's state lives on the heap only while it runs, not in every idle client's task.
+    let logged_in = match tokio::time::timeout(login_timeout, Box::pin(hs.run())).await {
         Ok(Ok(Some(l))) => l,
         Ok(Ok(None)) => return,
         Ok(Err(e)) => return answer_fatal(&app, &mut stream, addr, who, e).await,
@@ -91,6 +102,7 @@ async fn serve_client(app: Arc<App>, stream: TcpStream, addr: SocketAddr) {
     if stream.write_all(&greeting).await.is_err() {
         return;
     }
+    drop(greeting);
     let mode = app.pool_mode(&db);
     let max_message = app.config.load().max_message_size;
     let conn = crate::frontend::conn::ClientConn::new(stream, rbuf, app.buffers.clone(), max_message);

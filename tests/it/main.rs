@@ -7,6 +7,7 @@ mod batch;
 mod cache;
 mod demo;
 mod drivers;
+mod hostile;
 mod invalidation;
 mod limits;
 mod ops;
