@@ -108,8 +108,7 @@ async fn a_startup_trickled_byte_by_byte_is_closed_at_client_login_timeout() {
 
 #[test]
 fn client_login_timeout_defaults_to_ten_seconds_or_less() {
-    let mut settings = Settings::default();
-    settings.upstream = Some("postgres://app:app@127.0.0.1:5/app".into());
+    let settings = Settings { upstream: Some("postgres://app:app@127.0.0.1:5/app".into()), ..Default::default() };
     let config = pgsurge::Config::build(settings).unwrap();
     assert!(config.client_login_timeout <= Duration::from_secs(10));
 }

@@ -10,6 +10,7 @@ mod drivers;
 mod hostile;
 mod invalidation;
 mod limits;
+mod openfiles;
 mod ops;
 mod pooling;
 mod process;
