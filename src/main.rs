@@ -7,6 +7,15 @@ mod demo;
 use std::process::ExitCode;
 use std::time::Duration;
 
+// The allocator (a build choice, see Cargo.toml's features): one that returns freed memory to the system, so RSS
+// falls back after a crowd of clients leaves.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+#[cfg(all(feature = "jemalloc", not(feature = "mimalloc")))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use clap::Parser;
 use pgsurge::config::{Command, Config, LogFormat, Settings};
 use pgsurge::{App, Shutdown};
@@ -51,6 +60,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     }
+    pgsurge::process::check_open_files(&config);
     if config.own_session {
         match pgsurge::process::start_own_session() {
             pgsurge::process::Placement::Failed(e) => tracing::warn!(error = %e, "could not start a session of its own (own_session)"),

@@ -61,7 +61,7 @@ pub fn rows(c: &Config) -> Vec<(&'static str, String, &'static str, bool)> {
         ("server_tcp_keepintvl", dur(c.server_tcp.interval), "10s"),
         ("server_tcp_keepcnt", c.server_tcp.count.to_string(), "3"),
         ("tcp_user_timeout", dur(c.server_tcp.user_timeout), "1m"),
-        ("client_login_timeout", dur(c.client_login_timeout), "1m"),
+        ("client_login_timeout", dur(c.client_login_timeout), "10s"),
         ("shutdown_timeout", dur(c.shutdown_timeout), "30s"),
         ("auth_type", auth.into(), "scram-sha-256"),
         ("max_message_size", c.max_message_size.to_string(), "268435456"),

@@ -156,6 +156,18 @@ fn bad(msg: impl Into<String>) -> ConfigError {
 }
 
 impl Config {
+    /// Server connections pgsurge may open at most, estimated for the open-files check: every database's pool for
+    /// each configured user (one when none is configured or the database forces its login user).
+    pub fn server_conn_estimate(&self) -> usize {
+        let users = self.users.len().max(1);
+        let biggest_user_pool = self.users.values().filter_map(|u| u.pool_size).max().unwrap_or(0);
+        let per_db = |d: &Database| match d.user {
+            Some(_) => d.pool_size,
+            None => d.pool_size.max(biggest_user_pool) * users,
+        };
+        self.databases.values().map(per_db).sum::<usize>().max(self.pool_size)
+    }
+
     /// Reads the file named by `cli.config` (if any) under the flags/env already in `cli`, and builds.
     pub fn load(cli: Settings) -> Result<Config, ConfigError> {
         let file = match &cli.config {
@@ -333,7 +345,7 @@ impl Config {
             server_idle_timeout: s.server_idle_timeout.map(|d| d.0).unwrap_or(Duration::from_secs(600)),
             server_check_delay: s.server_check_delay.map(|d| d.0).unwrap_or(Duration::from_secs(1)),
             server_tcp,
-            client_login_timeout: s.client_login_timeout.map(|d| d.0).unwrap_or(Duration::from_secs(60)),
+            client_login_timeout: s.client_login_timeout.map(|d| d.0).unwrap_or(Duration::from_secs(10)),
             shutdown_timeout: s.shutdown_timeout.map(|d| d.0).unwrap_or(Duration::from_secs(30)),
             auth_type,
             max_message_size,

@@ -49,9 +49,9 @@ pub async fn accept_loop(app: Arc<App>, listener: UnixListener, path: std::path:
             r = listener.accept() => match r {
                 Ok((stream, _)) => {
                     let peer_admin = stream.peer_cred().is_ok_and(|c| c.uid() == own_uid);
-                    let app = app.clone();
+                    let count = crate::frontend::listener::ClientCount::new(app.clone());
                     tokio::spawn(async move {
-                        crate::frontend::listener::serve_client(app, Stream::Unix(stream), UNIX_PEER, peer_admin).await
+                        crate::frontend::listener::serve_client(count, Stream::Unix(stream), UNIX_PEER, peer_admin).await
                     });
                 }
                 Err(e) => {
