@@ -294,6 +294,15 @@ pub fn apply(s: &mut Settings, key: &str, v: &str, ignored: &mut Vec<String>) ->
         "server_tls_sslmode" => s.server_tls_mode = opt(v),
         "server_tls_ca_file" => s.server_tls_ca_file = path(v),
         "shutdown_timeout" => s.shutdown_timeout = Some(seconds(v)?),
+        // PgBouncer's keepalive keys apply to pgsurge's server connections (clients are local: loopback or a
+        // socket); 0 or empty keeps pgsurge's default.
+        "tcp_keepalive" => s.server_tcp_keepalive = Some(matches!(v.trim(), "1" | "on" | "true" | "yes")),
+        "tcp_keepidle" if num::<u64>(v)? > 0 => s.server_tcp_keepidle = Some(seconds(v)?),
+        "tcp_keepintvl" if num::<u64>(v)? > 0 => s.server_tcp_keepintvl = Some(seconds(v)?),
+        "tcp_keepcnt" if num::<u32>(v)? > 0 => s.server_tcp_keepcnt = Some(num(v)?),
+        // Milliseconds, as in PgBouncer.
+        "tcp_user_timeout" => s.tcp_user_timeout = Some(Dur(std::time::Duration::from_millis(num(v)?))),
+        "tcp_keepidle" | "tcp_keepintvl" | "tcp_keepcnt" => {}
         // Keys whose behaviour pgsurge has without the key (or cannot have): named, not applied.
         _ => ignored.push(format!("{key}: {}", why_ignored(key))),
     }
@@ -314,8 +323,7 @@ fn why_ignored(key: &str) -> &'static str {
         "ignore_startup_parameters" | "track_extra_parameters" => "pgsurge accepts and tracks every startup parameter",
         "server_reset_query" | "server_reset_query_always" => "pgsurge resets server state itself (DISCARD ALL on session end)",
         "server_check_query" => "pgsurge checks liveness with an empty query",
-        "tcp_defer_accept" | "tcp_keepalive" | "tcp_keepcnt" | "tcp_keepidle" | "tcp_keepintvl" | "tcp_socket_buffer"
-        | "tcp_user_timeout" | "so_reuseport" | "pkt_buf" | "sbuf_loopcnt" | "listen_backlog" => {
+        "tcp_defer_accept" | "tcp_socket_buffer" | "so_reuseport" | "pkt_buf" | "sbuf_loopcnt" | "listen_backlog" => {
             "socket tuning is the OS default in pgsurge"
         }
         "verbose" | "syslog" | "syslog_ident" | "syslog_facility" | "log_connections" | "log_disconnections" | "log_pooler_errors"

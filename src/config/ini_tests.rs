@@ -120,16 +120,20 @@ fn include_and_unknown_keys() {
     let ini = write(
         &d,
         "main.ini",
-        "[databases]\nmain = host=127.0.0.1,127.0.0.2 dbname=m\n%include extra.ini\n[pgbouncer]\nauth_file = users.txt\n\
+        "[databases]\nmain = host=127.0.0.1,127.0.0.2 port=5432,5433 dbname=m\n%include extra.ini\n[pgbouncer]\nauth_file = users.txt\n\
          tcp_keepalive = 1\nso_much_nonsense = 3\nauth_type = hba\npool_mode = statement\nunix_socket_dir =\n",
     );
     let r = read(&ini).unwrap();
     assert!(r.settings.databases.contains_key("main") && r.settings.databases.contains_key("other"), "the include was read");
     let names = r.ignored.join("\n");
-    for key in ["tcp_keepalive", "so_much_nonsense", "auth_type = hba", "pool_mode = statement", "load_balance_hosts", "host list"] {
+    for key in ["so_much_nonsense", "auth_type = hba", "pool_mode = statement", "load_balance_hosts"] {
         assert!(names.contains(key), "{key} is named as ignored in {names}");
     }
     assert_eq!(r.settings.pool_mode.as_deref(), Some("transaction"));
+    assert_eq!(r.settings.server_tcp_keepalive, Some(true), "tcp_keepalive applies to server connections");
+    let main = &r.settings.databases["main"];
+    assert_eq!(main.host.as_deref(), Some("127.0.0.1,127.0.0.2"), "a host list is tried in order");
+    assert_eq!(main.port.as_ref().map(|p| p.0.clone()), Some(vec![5432, 5433]));
     assert_eq!(r.settings.unix_socket_dir.as_deref(), Some(""), "an empty unix_socket_dir turns the socket off");
     // A bad value names the file, line and key.
     let bad = write(&d, "bad.ini", "[pgbouncer]\nserver_lifetime = invalid\n");

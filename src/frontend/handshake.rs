@@ -35,10 +35,9 @@ pub struct LoggedIn {
     pub peer_admin: bool,
 }
 
-// One per login, moved once: not worth a box.
-#[allow(clippy::large_enum_variant)]
 pub enum Target {
-    Pool(Arc<Pool>, Database),
+    /// Boxed: a client's task holds it for its whole life (see listener.rs's task-size test).
+    Pool(Arc<Pool>, Box<Database>),
     Admin,
 }
 
@@ -188,7 +187,7 @@ impl Handshake<'_> {
                     let v = params.iter().rev().find(|(n, _)| n.eq_ignore_ascii_case(k)).map(|(_, v)| v).unwrap_or(v);
                     encode::put_parameter_status(&mut out, k, v);
                 }
-                Target::Pool(pool, db)
+                Target::Pool(pool, Box::new(db))
             }
         };
         Ok(Some(LoggedIn { user, database, params: client_settings, target, admission, greeting: out, peer_admin }))
