@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use super::{ConfigError, DatabaseSettings, Dur, Settings, UserSettings};
+use super::{ConfigError, DatabaseSettings, Dur, IniUser, Settings};
 
 /// What one ini file (with its includes) amounts to.
 #[derive(Debug, Default)]
@@ -57,7 +57,7 @@ pub fn read(path: &Path) -> Result<Ini, ConfigError> {
             }
             "users" => {
                 let u = user(&v, k, &mut ini.ignored).map_err(|e| bad(format!("{origin}: users.{k}: {e}")))?;
-                ini.settings.users.insert(k.to_string(), u);
+                ini.settings.ini_users.insert(k.to_string(), u);
             }
             "pgbouncer" => {
                 let key = k.to_ascii_lowercase();
@@ -214,8 +214,8 @@ fn database(v: &str, name: &str, ignored: &mut Vec<String>) -> Result<DatabaseSe
     Ok(d)
 }
 
-fn user(v: &str, name: &str, ignored: &mut Vec<String>) -> Result<UserSettings, String> {
-    let mut u = UserSettings { settings_only: true, ..Default::default() };
+fn user(v: &str, name: &str, ignored: &mut Vec<String>) -> Result<IniUser, String> {
+    let mut u = IniUser::default();
     for (k, val) in connstr(v)? {
         match k.as_str() {
             "pool_size" => u.pool_size = Some(num(&val)?),

@@ -77,6 +77,10 @@ macro_rules! settings {
             #[arg(skip)]
             #[serde(default)]
             pub limits: crate::limit::LimitSettings,
+            /// pgbouncer.ini `[users]` lines (file only).
+            #[arg(skip)]
+            #[serde(skip)]
+            pub ini_users: BTreeMap<String, IniUser>,
             /// Keys of a pgbouncer.ini that were read but not applied, with why (logged once; not a key).
             #[arg(skip)]
             #[serde(skip)]
@@ -101,6 +105,7 @@ macro_rules! settings {
                 if self.batch == Default::default() { self.batch = lower.batch; }
                 if self.batch_flag.is_none() { self.batch_flag = lower.batch_flag; }
                 self.ignored.extend(lower.ignored);
+                if self.ini_users.is_empty() { self.ini_users = lower.ini_users; }
                 self
             }
         }
@@ -335,13 +340,16 @@ pub struct UserSettings {
     /// scram-sha-256 | md5 | trust for this user.
     pub auth_type: Option<String>,
     pub pool_size: Option<usize>,
+}
+
+/// A pgbouncer.ini `[users]` line: pool settings only; the user logs in as auth_file/auth_query say.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct IniUser {
+    pub pool_size: Option<usize>,
     pub reserve_pool_size: Option<usize>,
     pub pool_mode: Option<String>,
     /// Server connections all pools of this user may hold together.
     pub max_user_connections: Option<usize>,
     /// Client connections this user may have at once.
     pub max_user_client_connections: Option<usize>,
-    /// From a pgbouncer.ini `[users]` line: pool settings only; the user logs in as auth_file/auth_query say.
-    #[serde(skip)]
-    pub settings_only: bool,
 }

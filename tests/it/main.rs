@@ -10,6 +10,7 @@ mod drivers;
 mod invalidation;
 mod limits;
 mod ops;
+mod pgbouncer;
 mod pooling;
 mod process;
 mod resilience;
