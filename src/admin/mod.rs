@@ -210,6 +210,20 @@ impl App {
     }
 }
 
+impl App {
+    /// Databases with a forced user and a `min_pool_size` get their pool at once (PgBouncer keeps those warm
+    /// before any client comes); the janitor then opens connections up to the minimum.
+    pub fn warm_forced_pools(&self) {
+        let cfg = self.config.load_full();
+        for db in cfg.databases.values().filter(|d| d.min_pool_size.unwrap_or(0) > 0) {
+            let Some(user) = db.user.as_ref().and_then(|(u, _)| cfg.users.get(u)) else { continue };
+            if let Err(e) = self.pool(db, user) {
+                tracing::warn!(db = %db.name, error = %e, "cannot open the min_pool_size pool");
+            }
+        }
+    }
+}
+
 /// Called by `App::pool` for a new pool: it starts paused if its database is.
 pub fn init_pool(app: &App, pool: &Arc<crate::backend::Pool>) {
     if app.ops.is_paused(&pool.key.database) {

@@ -258,6 +258,12 @@ settings! {
     /// Write the process id to this file at start, remove it at exit.
     #[arg(long, env = "PGSURGE_PIDFILE")]
     pidfile: PathBuf,
+    /// A client idle outside a transaction longer than this is disconnected, FATAL 57P05 (0: off).
+    #[arg(long, env = "PGSURGE_CLIENT_IDLE_TIMEOUT")]
+    client_idle_timeout: Dur,
+    /// A transaction open longer than this ends its client's connection, FATAL 25P04 (0: off).
+    #[arg(long, env = "PGSURGE_TRANSACTION_TIMEOUT")]
+    transaction_timeout: Dur,
     /// Extra server connections a pool may open when a client has waited `reserve_pool_timeout` (0: none).
     #[arg(long, env = "PGSURGE_RESERVE_POOL_SIZE")]
     reserve_pool_size: usize,
@@ -270,12 +276,6 @@ settings! {
     /// Client connections each user may have at once (0: no cap; per user in [users]).
     #[arg(long, env = "PGSURGE_MAX_USER_CLIENT_CONNECTIONS")]
     max_user_client_connections: usize,
-    /// A client idle (outside a transaction) longer than this is closed (0: never).
-    #[arg(long, env = "PGSURGE_CLIENT_IDLE_TIMEOUT")]
-    client_idle_timeout: Dur,
-    /// After a failed server login, wait this long before trying that pool's server again.
-    #[arg(long, env = "PGSURGE_SERVER_LOGIN_RETRY")]
-    server_login_retry: Dur,
 }
 
 /// Subcommands beside the proxy itself.
@@ -352,4 +352,9 @@ pub struct IniUser {
     pub max_user_connections: Option<usize>,
     /// Client connections this user may have at once.
     pub max_user_client_connections: Option<usize>,
+    /// This user's own timeouts.
+    pub query_timeout: Option<Dur>,
+    pub idle_transaction_timeout: Option<Dur>,
+    pub client_idle_timeout: Option<Dur>,
+    pub transaction_timeout: Option<Dur>,
 }

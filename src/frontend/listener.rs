@@ -105,6 +105,7 @@ pub(crate) async fn serve_client(app: Arc<App>, mut stream: Stream, addr: Socket
         cancel.slot.clone(),
     );
     session.admission = logged_in.admission;
+    session.set_user_timeouts(&logged_in.user);
     let result = session.run().await;
     match result {
         Ok(()) | Err(Error::Io(_)) => {}

@@ -142,6 +142,21 @@ pub struct LimitConfig {
     pub query_timeout: Duration,
     /// A client idle inside a transaction longer than this is disconnected (zero: off).
     pub idle_transaction_timeout: Duration,
+    /// A client idle outside a transaction longer than this is disconnected (zero: off).
+    pub client_idle_timeout: Duration,
+    /// A transaction open longer than this ends its client's connection (zero: off).
+    pub transaction_timeout: Duration,
+    /// Per-user values of the four timeouts above (a pgbouncer.ini `[users]` line), by user.
+    pub user_timeouts: BTreeMap<String, UserTimeouts>,
+}
+
+/// One user's own timeouts; None: the global value.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct UserTimeouts {
+    pub query: Option<Duration>,
+    pub idle_transaction: Option<Duration>,
+    pub client_idle: Option<Duration>,
+    pub transaction: Option<Duration>,
 }
 
 impl Default for LimitConfig {
@@ -160,6 +175,9 @@ impl Default for LimitConfig {
             max_user_connections: 0,
             query_timeout: Duration::ZERO,
             idle_transaction_timeout: Duration::ZERO,
+            client_idle_timeout: Duration::ZERO,
+            transaction_timeout: Duration::ZERO,
+            user_timeouts: BTreeMap::new(),
         }
     }
 }
@@ -238,6 +256,22 @@ impl LimitConfig {
             max_user_connections: s.max_user_connections.unwrap_or(0),
             query_timeout: s.query_timeout.map(|d| d.0).unwrap_or(Duration::ZERO),
             idle_transaction_timeout: s.idle_transaction_timeout.map(|d| d.0).unwrap_or(Duration::ZERO),
+            client_idle_timeout: s.client_idle_timeout.map(|d| d.0).unwrap_or(Duration::ZERO),
+            transaction_timeout: s.transaction_timeout.map(|d| d.0).unwrap_or(Duration::ZERO),
+            user_timeouts: s
+                .ini_users
+                .iter()
+                .map(|(name, u)| {
+                    let t = UserTimeouts {
+                        query: u.query_timeout.map(|d| d.0),
+                        idle_transaction: u.idle_transaction_timeout.map(|d| d.0),
+                        client_idle: u.client_idle_timeout.map(|d| d.0),
+                        transaction: u.transaction_timeout.map(|d| d.0),
+                    };
+                    (name.clone(), t)
+                })
+                .filter(|(_, t)| *t != UserTimeouts::default())
+                .collect(),
         })
     }
 

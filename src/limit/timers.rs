@@ -1,5 +1,6 @@
-//! The session's one timer for `query_timeout` and `idle_transaction_timeout`: armed only while one applies,
-//! allocated once per session (and only when a timeout is configured), reset only when its deadline changes.
+//! The session's one timer for `query_timeout`, `idle_transaction_timeout`, `client_idle_timeout` and
+//! `transaction_timeout` (global, or the user's own): armed only while one applies, allocated once per session
+//! (and only when a timeout is configured), reset only when its deadline changes.
 
 use std::pin::Pin;
 use std::time::Duration;
@@ -14,15 +15,23 @@ pub enum Fired {
     Query,
     /// The client sat idle inside a transaction longer than `idle_transaction_timeout`.
     IdleInTransaction,
+    /// The client sat idle outside a transaction longer than `client_idle_timeout`.
+    ClientIdle,
+    /// A transaction has been open longer than `transaction_timeout`.
+    Transaction,
 }
 
 pub struct SessionTimers {
     query: Duration,
     idle_tx: Duration,
+    client_idle: Duration,
+    tx: Duration,
     sleep: Option<Pin<Box<Sleep>>>,
     armed: Option<(Fired, Instant)>,
     busy_since: Option<Instant>,
     idle_since: Option<Instant>,
+    client_idle_since: Option<Instant>,
+    tx_since: Option<Instant>,
     /// The running request was already cancelled: do not fire again for it.
     cancelled: bool,
 }
@@ -32,21 +41,60 @@ impl SessionTimers {
         SessionTimers {
             query: cfg.query_timeout,
             idle_tx: cfg.idle_transaction_timeout,
+            client_idle: cfg.client_idle_timeout,
+            tx: cfg.transaction_timeout,
             sleep: None,
             armed: None,
             busy_since: None,
             idle_since: None,
+            client_idle_since: None,
+            tx_since: None,
             cancelled: false,
         }
     }
 
+    /// The timers of a client of `user`: its own timeouts where it has them.
+    pub fn for_user(cfg: &LimitConfig, user: &str) -> SessionTimers {
+        let mut t = SessionTimers::new(cfg);
+        if let Some(u) = cfg.user_timeouts.get(user) {
+            t.query = u.query.unwrap_or(t.query);
+            t.idle_tx = u.idle_transaction.unwrap_or(t.idle_tx);
+            t.client_idle = u.client_idle.unwrap_or(t.client_idle);
+            t.tx = u.transaction.unwrap_or(t.tx);
+        }
+        t
+    }
+
     fn enabled(&self) -> bool {
-        !self.query.is_zero() || !self.idle_tx.is_zero()
+        !self.query.is_zero() || !self.idle_tx.is_zero() || !self.client_idle.is_zero() || !self.tx.is_zero()
     }
 
     /// Called before each wait: `busy` = replies are outstanding; `idle_in_tx` = the client holds a server inside
     /// a transaction and owes nothing. Arms, moves or disarms the timer.
     pub fn update(&mut self, busy: bool, idle_in_tx: bool) {
+        self.update_with(busy, idle_in_tx, idle_in_tx);
+    }
+
+    /// `update`, knowing also whether a transaction is open (`in_tx`, busy or not): a client neither busy nor in
+    /// a transaction is idle (client_idle_timeout); a transaction is timed from its start (transaction_timeout).
+    pub fn update_with(&mut self, busy: bool, idle_in_tx: bool, in_tx: bool) {
+        if !self.enabled() {
+            return;
+        }
+        if !busy && !in_tx {
+            self.client_idle_since.get_or_insert_with(Instant::now);
+        } else {
+            self.client_idle_since = None;
+        }
+        if in_tx {
+            self.tx_since.get_or_insert_with(Instant::now);
+        } else {
+            self.tx_since = None;
+        }
+        self.arm(busy, idle_in_tx);
+    }
+
+    fn arm(&mut self, busy: bool, idle_in_tx: bool) {
         if !self.enabled() {
             return;
         }
@@ -62,11 +110,14 @@ impl SessionTimers {
         } else {
             self.idle_since = None;
         }
-        let want = match (self.busy_since, self.idle_since) {
-            (Some(t), _) if !self.query.is_zero() && !self.cancelled => Some((Fired::Query, t + self.query)),
-            (_, Some(t)) if !self.idle_tx.is_zero() => Some((Fired::IdleInTransaction, t + self.idle_tx)),
-            _ => None,
-        };
+        // The earliest deadline of the timeouts that apply now.
+        let candidates = [
+            self.busy_since.filter(|_| !self.query.is_zero() && !self.cancelled).map(|t| (Fired::Query, t + self.query)),
+            self.idle_since.filter(|_| !self.idle_tx.is_zero()).map(|t| (Fired::IdleInTransaction, t + self.idle_tx)),
+            self.client_idle_since.filter(|_| !self.client_idle.is_zero()).map(|t| (Fired::ClientIdle, t + self.client_idle)),
+            self.tx_since.filter(|_| !self.tx.is_zero()).map(|t| (Fired::Transaction, t + self.tx)),
+        ];
+        let want = candidates.into_iter().flatten().min_by_key(|(_, at)| *at);
         if want != self.armed {
             self.armed = want;
             if let Some((_, at)) = want {
