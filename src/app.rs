@@ -258,7 +258,12 @@ impl App {
             let user = match new.users.get(&pool.key.user) {
                 Some(u) => u,
                 None => {
-                    found = User { name: pool.key.user.clone(), secret: crate::auth::secret::Secret::None, auth: new.auth_type, pool_size: None };
+                    found = User {
+                        name: pool.key.user.clone(),
+                        secret: crate::auth::secret::Secret::None,
+                        auth: new.auth_type,
+                        pool_size: None,
+                    };
                     &found
                 }
             };

@@ -49,7 +49,8 @@ pub async fn bind_tcp(addr: &str, shared: bool) -> std::io::Result<tokio::net::T
     if !shared {
         return tokio::net::TcpListener::bind(addr).await;
     }
-    let a: std::net::SocketAddr = addr.parse().map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{addr}: {e}")))?;
+    let a: std::net::SocketAddr =
+        addr.parse().map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{addr}: {e}")))?;
     let s = if a.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
     s.set_reuseaddr(true)?;
     s.set_reuseport(true)?;

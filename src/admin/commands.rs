@@ -111,9 +111,12 @@ fn kill(app: &App, db: Option<&str>) -> Result<()> {
 async fn gone(app: &App, db: Option<&str>, id: Option<u64>) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
     while tokio::time::Instant::now() < deadline
-        && app.ops.clients.snapshot().iter().any(|c| {
-            c.slot.as_ref().is_some_and(|s| s.is_stopped()) && db.is_none_or(|d| c.database == d) && id.is_none_or(|i| c.id == i)
-        })
+        && app
+            .ops
+            .clients
+            .snapshot()
+            .iter()
+            .any(|c| c.slot.as_ref().is_some_and(|s| s.is_stopped()) && db.is_none_or(|d| c.database == d) && id.is_none_or(|i| c.id == i))
     {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }

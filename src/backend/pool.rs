@@ -573,13 +573,11 @@ impl Pool {
         let now = Instant::now();
         let stale: Vec<Box<ServerConn>> = {
             let mut idle = self.idle.lock();
-            let (old, keep): (Vec<_>, Vec<_>) = idle
-                .drain(..)
-                .partition(|c| {
-                    now.duration_since(c.last_used) >= s.idle_timeout
-                        || now.duration_since(c.created) >= s.lifetime
-                        || self.must_reconnect(c.id)
-                });
+            let (old, keep): (Vec<_>, Vec<_>) = idle.drain(..).partition(|c| {
+                now.duration_since(c.last_used) >= s.idle_timeout
+                    || now.duration_since(c.created) >= s.lifetime
+                    || self.must_reconnect(c.id)
+            });
             *idle = keep;
             old
         };

@@ -328,8 +328,8 @@ fn why_ignored(key: &str) -> &'static str {
         | "tcp_user_timeout" | "so_reuseport" | "pkt_buf" | "sbuf_loopcnt" | "listen_backlog" => {
             "socket tuning is the OS default in pgsurge"
         }
-        "verbose" | "syslog" | "syslog_ident" | "syslog_facility" | "log_connections" | "log_disconnections"
-        | "log_pooler_errors" | "log_stats" | "stats_period" => "logging is set with PGSURGE_LOG",
+        "verbose" | "syslog" | "syslog_ident" | "syslog_facility" | "log_connections" | "log_disconnections" | "log_pooler_errors"
+        | "log_stats" | "stats_period" => "logging is set with PGSURGE_LOG",
         "user" => "pgsurge does not switch OS users",
         "server_login_retry" => "pgsurge retries a failing server with its own backoff (50 ms doubling to 500 ms)",
         _ => "not implemented by pgsurge",

@@ -141,7 +141,8 @@ async fn answer_fatal(app: &App, stream: &mut Stream, addr: SocketAddr, who: Opt
 /// A client of the virtual database `pgsurge`/`pgbouncer`: admin and stats users get the console, others 42501.
 async fn admin_console(app: Arc<App>, mut stream: Stream, rbuf: BytesMut, addr: SocketAddr, logged_in: LoggedIn) {
     let who = Some((logged_in.user.clone(), logged_in.database.clone()));
-    let role = if logged_in.peer_admin { Some(crate::admin::Role::Admin) } else { crate::admin::role_of(&app.config.load(), &logged_in.user) };
+    let role =
+        if logged_in.peer_admin { Some(crate::admin::Role::Admin) } else { crate::admin::role_of(&app.config.load(), &logged_in.user) };
     let Some(role) = role else {
         let e = Error::InsufficientPrivilege(format!("user \"{}\" is not in admin_users or stats_users", logged_in.user));
         return answer_fatal(&app, &mut stream, addr, who, e).await;

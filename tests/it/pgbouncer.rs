@@ -118,7 +118,8 @@ async fn set_applies_one_key_and_reload_rereads_the_ini() {
     let e = console.simple_query("SET server_lifetime = soon").await.err().expect("a bad value is refused");
     assert_eq!(code(&e), "F0000");
     // RELOAD re-reads the ini: a new database appears.
-    let text = std::fs::read_to_string(&b.ini).unwrap().replace("[databases]\n", &format!("[databases]\nother = {}\n", Bouncer::upstream()));
+    let text =
+        std::fs::read_to_string(&b.ini).unwrap().replace("[databases]\n", &format!("[databases]\nother = {}\n", Bouncer::upstream()));
     std::fs::write(&b.ini, text).unwrap();
     console.simple_query("RELOAD").await.unwrap();
     let c = connect(&b.tcp_url("app", "other")).await;
