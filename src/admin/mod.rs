@@ -39,6 +39,8 @@ pub struct Ops {
     disabled: Mutex<BTreeSet<String>>,
     /// When pgsurge started (SHOW STATS_AVERAGES averages over it).
     pub started: Started,
+    /// Console queries answered (SHOW TOTALS counts them as transactions and queries, as PgBouncer does).
+    pub console_queries: std::sync::atomic::AtomicU64,
 }
 
 /// An `Instant` that defaults to now.

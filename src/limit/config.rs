@@ -146,6 +146,10 @@ pub struct LimitConfig {
     pub client_idle_timeout: Duration,
     /// A transaction open longer than this ends its client's connection (zero: off).
     pub transaction_timeout: Duration,
+    /// Server-connection caps of single databases and users (a pgbouncer.ini's `max_db_connections` on a
+    /// `[databases]` line, `max_user_connections` on a `[users]` line), over the global ones.
+    pub db_connection_caps: BTreeMap<String, usize>,
+    pub user_connection_caps: BTreeMap<String, usize>,
     /// Per-user values of the four timeouts above (a pgbouncer.ini `[users]` line), by user.
     pub user_timeouts: BTreeMap<String, UserTimeouts>,
 }
@@ -178,6 +182,8 @@ impl Default for LimitConfig {
             client_idle_timeout: Duration::ZERO,
             transaction_timeout: Duration::ZERO,
             user_timeouts: BTreeMap::new(),
+            db_connection_caps: BTreeMap::new(),
+            user_connection_caps: BTreeMap::new(),
         }
     }
 }
@@ -272,6 +278,8 @@ impl LimitConfig {
                 })
                 .filter(|(_, t)| *t != UserTimeouts::default())
                 .collect(),
+            db_connection_caps: s.databases.iter().filter_map(|(n, d)| Some((n.clone(), d.max_db_connections?))).collect(),
+            user_connection_caps: s.ini_users.iter().filter_map(|(n, u)| Some((n.clone(), u.max_user_connections?))).collect(),
         })
     }
 
