@@ -36,7 +36,7 @@ pub struct LoggedIn {
 }
 
 pub enum Target {
-    Pool(Arc<Pool>, Database),
+    Pool(Arc<Pool>, Box<Database>),
     Admin,
 }
 
@@ -142,7 +142,7 @@ impl Handshake<'_> {
         let client_settings = crate::state::settings::from_startup(&params);
         // Connection caps and rates: refused here (FATAL 53300) before any server work for this client.
         // The console counts against client caps too, except for its admins (so they can always get in).
-        let console_admin = peer_admin || cfg.admin_users.iter().any(|u| *u == user);
+        let console_admin = peer_admin || cfg.admin_users.contains(&user);
         let admission = match &db {
             Some(d) => Some(self.app.limits.admit(&user, &d.name, self.addr.ip())?),
             None if !console_admin => Some(self.app.limits.admit(&user, &database, self.addr.ip())?),
@@ -186,7 +186,7 @@ impl Handshake<'_> {
                     let v = params.iter().rev().find(|(n, _)| n.eq_ignore_ascii_case(k)).map(|(_, v)| v).unwrap_or(v);
                     encode::put_parameter_status(&mut out, k, v);
                 }
-                Target::Pool(pool, db)
+                Target::Pool(pool, Box::new(db))
             }
         };
         Ok(Some(LoggedIn { user, database, params: client_settings, target, admission, greeting: out, peer_admin }))

@@ -102,7 +102,7 @@ async fn the_unix_socket_serves_clients_and_the_console_as_pgbouncer() {
     let version = show(&console, "SHOW VERSION").await;
     assert!(version[0]["version"].starts_with("pgsurge "), "{version:?}");
     // Over TCP `pgbouncer` is nobody in particular: not a known user, so its login fails.
-    let e = try_connect(&b.tcp_url("pgbouncer", "pgbouncer")).await.err().expect("refused over TCP");
+    let e = try_connect(&b.tcp_url("pgbouncer", "pgbouncer")).await.expect_err("refused over TCP");
     assert_eq!(code(&e), "28P01");
 }
 
@@ -115,7 +115,7 @@ async fn set_applies_one_key_and_reload_rereads_the_ini() {
     let app = dbs.iter().find(|r| r["name"] == "app").expect("app is listed");
     assert_eq!(app["pool_size"], "3");
     assert!(dbs.iter().any(|r| r["name"] == "pgbouncer"), "the console database is listed");
-    let e = console.simple_query("SET server_lifetime = soon").await.err().expect("a bad value is refused");
+    let e = console.simple_query("SET server_lifetime = soon").await.expect_err("a bad value is refused");
     assert_eq!(code(&e), "F0000");
     // RELOAD re-reads the ini: a new database appears.
     let text =
@@ -126,7 +126,7 @@ async fn set_applies_one_key_and_reload_rereads_the_ini() {
     c.simple_query("SELECT 1").await.unwrap();
     // A broken file is refused and the running configuration stays.
     std::fs::write(&b.ini, "[pgbouncer]\nserver_lifetime = invalid\n").unwrap();
-    let e = console.simple_query("RELOAD").await.err().expect("a broken file is refused");
+    let e = console.simple_query("RELOAD").await.expect_err("a broken file is refused");
     assert_eq!(code(&e), "F0000");
     connect(&b.tcp_url("app", "other")).await.simple_query("SELECT 1").await.unwrap();
 }
@@ -155,7 +155,7 @@ async fn kill_kill_client_reconnect_wait_close_disable_and_enable() {
     assert_eq!(code(&e), "08P01");
 
     console.simple_query("DISABLE app").await.unwrap();
-    let e = try_connect(&b.tcp_url("app", "app")).await.err().expect("a disabled database refuses clients");
+    let e = try_connect(&b.tcp_url("app", "app")).await.expect_err("a disabled database refuses clients");
     assert_eq!(code(&e), "57P03");
     console.simple_query("ENABLE app").await.unwrap();
     connect(&b.tcp_url("app", "app")).await.simple_query("SELECT 1").await.unwrap();
