@@ -54,6 +54,10 @@ pub enum Error {
     /// A reload refused: the running configuration stays.
     #[error("{0}")]
     Config(String),
+    #[error("terminating connection due to client_idle_timeout")]
+    ClientIdleTimeout,
+    #[error("terminating connection due to transaction timeout (transaction_timeout)")]
+    TransactionTimeout,
     /// `DISABLE db` on the console: new clients of that database are refused until `ENABLE db`.
     #[error("database \"{0}\" is disabled")]
     DatabaseDisabled(String),
@@ -89,6 +93,8 @@ impl Error {
             Error::Syntax(_) => "42601",
             Error::Config(_) => "F0000",
             Error::DatabaseDisabled(_) => "57P03",
+            Error::ClientIdleTimeout => "57P05",
+            Error::TransactionTimeout => "25P04",
             Error::Io(_) => "08006",
         }
     }

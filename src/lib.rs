@@ -93,6 +93,7 @@ async fn janitor(app: Arc<App>) {
     loop {
         tick.tick().await;
         app.limits.maintain();
+        app.warm_forced_pools();
         for pool in app.pools() {
             pool.maintain().await;
         }

@@ -41,6 +41,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 QUERY => {
                     let text = view::query_text(&frame[5..]).ok_or_else(|| Error::Protocol("malformed Query message".into()))?;
                     let text = String::from_utf8_lossy(text).into_owned();
+                    app.ops.console_queries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     run_query(&app, role, &text, &mut out).await;
                     encode::put_ready_for_query(&mut out, TxStatus::Idle);
                 }

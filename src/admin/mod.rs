@@ -39,6 +39,8 @@ pub struct Ops {
     disabled: Mutex<BTreeSet<String>>,
     /// When pgsurge started (SHOW STATS_AVERAGES averages over it).
     pub started: Started,
+    /// Console queries answered (SHOW TOTALS counts them as transactions and queries, as PgBouncer does).
+    pub console_queries: std::sync::atomic::AtomicU64,
 }
 
 /// An `Instant` that defaults to now.
@@ -207,6 +209,20 @@ impl App {
             .filter(|p| database.is_none_or(|d| p.key.database == d))
             .map(|p| p.stats.active.load(std::sync::atomic::Ordering::Relaxed))
             .sum()
+    }
+}
+
+impl App {
+    /// Databases with a forced user and a `min_pool_size` get their pool at once (PgBouncer keeps those warm
+    /// before any client comes); the janitor then opens connections up to the minimum.
+    pub fn warm_forced_pools(&self) {
+        let cfg = self.config.load_full();
+        for db in cfg.databases.values().filter(|d| d.min_pool_size.unwrap_or(0) > 0) {
+            let Some(user) = db.user.as_ref().and_then(|(u, _)| cfg.users.get(u)) else { continue };
+            if let Err(e) = self.pool(db, user) {
+                tracing::warn!(db = %db.name, error = %e, "cannot open the min_pool_size pool");
+            }
+        }
     }
 }
 

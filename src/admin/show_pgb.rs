@@ -67,6 +67,10 @@ pub fn totals(app: &App) -> Table {
             sum[i] += v[i];
         }
     }
+    // The console's own queries count as transactions and queries, as in PgBouncer's totals.
+    let console = app.ops.console_queries.load(Ordering::Relaxed);
+    sum[1] += console;
+    sum[2] += console;
     let mut t = Table::new(&["name", "value"]);
     for (i, name) in STAT_COLUMNS[1..].iter().enumerate() {
         t.row(row![format!("total_{name}"), sum[i]]);

@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use super::{ConfigError, DatabaseSettings, Dur, Settings, UserSettings};
+use super::{ConfigError, DatabaseSettings, Dur, IniUser, Settings};
 
 /// What one ini file (with its includes) amounts to.
 #[derive(Debug, Default)]
@@ -57,7 +57,7 @@ pub fn read(path: &Path) -> Result<Ini, ConfigError> {
             }
             "users" => {
                 let u = user(&v, k, &mut ini.ignored).map_err(|e| bad(format!("{origin}: users.{k}: {e}")))?;
-                ini.settings.users.insert(k.to_string(), u);
+                ini.settings.ini_users.insert(k.to_string(), u);
             }
             "pgbouncer" => {
                 let key = k.to_ascii_lowercase();
@@ -208,8 +208,8 @@ fn database(v: &str, name: &str, ignored: &mut Vec<String>) -> Result<DatabaseSe
     Ok(d)
 }
 
-fn user(v: &str, name: &str, ignored: &mut Vec<String>) -> Result<UserSettings, String> {
-    let mut u = UserSettings { settings_only: true, ..Default::default() };
+fn user(v: &str, name: &str, ignored: &mut Vec<String>) -> Result<IniUser, String> {
+    let mut u = IniUser::default();
     for (k, val) in connstr(v)? {
         match k.as_str() {
             "pool_size" => u.pool_size = Some(num(&val)?),
@@ -217,6 +217,10 @@ fn user(v: &str, name: &str, ignored: &mut Vec<String>) -> Result<UserSettings, 
             "pool_mode" => u.pool_mode = Some(pool_mode(&val, ignored)),
             "max_user_connections" => u.max_user_connections = Some(num(&val)?),
             "max_user_client_connections" => u.max_user_client_connections = Some(num(&val)?),
+            "query_timeout" => u.query_timeout = Some(seconds(&val)?),
+            "idle_transaction_timeout" => u.idle_transaction_timeout = Some(seconds(&val)?),
+            "client_idle_timeout" => u.client_idle_timeout = Some(seconds(&val)?),
+            "transaction_timeout" => u.transaction_timeout = Some(seconds(&val)?),
             other => ignored.push(format!("users.{name} {other}: not implemented by pgsurge")),
         }
     }
@@ -268,11 +272,11 @@ pub fn apply(s: &mut Settings, key: &str, v: &str, ignored: &mut Vec<String>) ->
         "query_wait_timeout" => s.query_wait_timeout = Some(zero_is_forever(seconds(v)?)),
         "idle_transaction_timeout" => s.idle_transaction_timeout = Some(seconds(v)?),
         "client_idle_timeout" => s.client_idle_timeout = Some(seconds(v)?),
+        "transaction_timeout" => s.transaction_timeout = Some(seconds(v)?),
         // 0: a server connection is used once, then closed (as in PgBouncer).
         "server_lifetime" => s.server_lifetime = Some(seconds(v)?),
         "server_idle_timeout" => s.server_idle_timeout = Some(zero_is_forever(seconds(v)?)),
         "server_connect_timeout" => s.server_connect_timeout = Some(zero_is_forever(seconds(v)?)),
-        "server_login_retry" => s.server_login_retry = Some(seconds(v)?),
         "client_login_timeout" => s.client_login_timeout = Some(zero_is_forever(seconds(v)?)),
         "server_check_delay" => s.server_check_delay = Some(seconds(v)?),
         "max_prepared_statements" => {
@@ -329,6 +333,7 @@ fn why_ignored(key: &str) -> &'static str {
         "verbose" | "syslog" | "syslog_ident" | "syslog_facility" | "log_connections" | "log_disconnections" | "log_pooler_errors"
         | "log_stats" | "stats_period" => "logging is set with PGSURGE_LOG",
         "user" => "pgsurge does not switch OS users",
+        "server_login_retry" => "pgsurge retries a failing server with its own backoff (50 ms doubling to 500 ms)",
         _ => "not implemented by pgsurge",
     }
 }

@@ -64,8 +64,8 @@ fn every_supported_key_lands_in_the_config() {
              auth_query = SELECT 1\nauth_user = app\npool_mode = transaction\ndefault_pool_size = 12\nmin_pool_size = 1\n\
              reserve_pool_size = 2\nreserve_pool_timeout = 3\nmax_client_conn = 100\nmax_db_connections = 50\n\
              max_user_connections = 40\nmax_db_client_connections = 30\nmax_user_client_connections = 20\nquery_timeout = 5\n\
-             query_wait_timeout = 6\nidle_transaction_timeout = 7\nclient_idle_timeout = 8\nserver_lifetime = 9\n\
-             server_idle_timeout = 10\nserver_connect_timeout = 11\nserver_login_retry = 12\nclient_login_timeout = 13\n\
+             query_wait_timeout = 6\nidle_transaction_timeout = 7\nserver_lifetime = 9\n\
+             server_idle_timeout = 10\nserver_connect_timeout = 11\nclient_login_timeout = 13\n\
              server_check_delay = 14\nmax_prepared_statements = 15\nadmin_users = pgbouncer\nstats_users = app\n\
              server_tls_sslmode = disable\nlogfile = {dir}/pgb.log\npidfile = {dir}/pgb.pid\nshutdown_timeout = 4\n",
             dir = d.display()

@@ -14,7 +14,7 @@ use std::path::Path;
 use std::time::Duration;
 
 pub use authfile::parse_auth_file;
-pub use settings::{Command, DatabaseSettings, DemoArgs, Dur, Ports, Settings, UserSettings};
+pub use settings::{Command, DatabaseSettings, DemoArgs, Dur, IniUser, Ports, Settings, UserSettings};
 pub use upstream::UpstreamUrl;
 
 use crate::auth::secret::Secret;
@@ -250,14 +250,13 @@ impl Config {
                 users.insert(name.clone(), User { name, secret: Secret::from_config(&pw), auth: auth_type, pool_size: None });
             }
         }
-        for (name, u) in &s.users {
-            if u.settings_only {
-                // pgbouncer.ini [users]: pool settings for a user that logs in as auth_file/auth_query say.
-                if let Some(known) = users.get_mut(name) {
-                    known.pool_size = u.pool_size.or(known.pool_size);
-                }
-                continue;
+        // pgbouncer.ini [users]: pool settings for a user that logs in as auth_file/auth_query say.
+        for (name, u) in &s.ini_users {
+            if let Some(known) = users.get_mut(name) {
+                known.pool_size = u.pool_size.or(known.pool_size);
             }
+        }
+        for (name, u) in &s.users {
             let auth = match &u.auth_type {
                 Some(a) => parse_auth(a)?,
                 None => auth_type,
@@ -394,7 +393,7 @@ fn client_caps(s: &Settings) -> Settings {
             l.databases.entry(name.clone()).or_default().max_connections.get_or_insert(n);
         }
     }
-    for (name, u) in &s.users {
+    for (name, u) in &s.ini_users {
         if let Some(n) = u.max_user_client_connections.filter(|n| *n > 0) {
             l.users.entry(name.clone()).or_default().max_connections.get_or_insert(n);
         }

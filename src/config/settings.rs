@@ -81,6 +81,10 @@ macro_rules! settings {
             #[arg(skip)]
             #[serde(default)]
             pub limits: crate::limit::LimitSettings,
+            /// pgbouncer.ini `[users]` lines (file only).
+            #[arg(skip)]
+            #[serde(skip)]
+            pub ini_users: BTreeMap<String, IniUser>,
             /// Keys of a pgbouncer.ini that were read but not applied, with why (logged once; not a key).
             #[arg(skip)]
             #[serde(skip)]
@@ -106,6 +110,7 @@ macro_rules! settings {
                 if self.batch == Default::default() { self.batch = lower.batch; }
                 if self.batch_flag.is_none() { self.batch_flag = lower.batch_flag; }
                 self.ignored.extend(lower.ignored);
+                if self.ini_users.is_empty() { self.ini_users = lower.ini_users; }
                 self
             }
         }
@@ -280,6 +285,12 @@ settings! {
     /// Write the process id to this file at start, remove it at exit.
     #[arg(long, env = "PGSURGE_PIDFILE")]
     pidfile: PathBuf,
+    /// A client idle outside a transaction longer than this is disconnected, FATAL 57P05 (0: off).
+    #[arg(long, env = "PGSURGE_CLIENT_IDLE_TIMEOUT")]
+    client_idle_timeout: Dur,
+    /// A transaction open longer than this ends its client's connection, FATAL 25P04 (0: off).
+    #[arg(long, env = "PGSURGE_TRANSACTION_TIMEOUT")]
+    transaction_timeout: Dur,
     /// Extra server connections a pool may open when a client has waited `reserve_pool_timeout` (0: none).
     #[arg(long, env = "PGSURGE_RESERVE_POOL_SIZE")]
     reserve_pool_size: usize,
@@ -292,12 +303,6 @@ settings! {
     /// Client connections each user may have at once (0: no cap; per user in [users]).
     #[arg(long, env = "PGSURGE_MAX_USER_CLIENT_CONNECTIONS")]
     max_user_client_connections: usize,
-    /// A client idle (outside a transaction) longer than this is closed (0: never).
-    #[arg(long, env = "PGSURGE_CLIENT_IDLE_TIMEOUT")]
-    client_idle_timeout: Dur,
-    /// After a failed server login, wait this long before trying that pool's server again.
-    #[arg(long, env = "PGSURGE_SERVER_LOGIN_RETRY")]
-    server_login_retry: Dur,
     /// Redis shared by every instance: global rate limits (and the shared cache tier with --cache-redis).
     /// redis://[user:password@]host:port[/db] or rediss:// (TLS).
     #[arg(long = "redis", env = "PGSURGE_REDIS_URL")]
@@ -395,13 +400,21 @@ pub struct UserSettings {
     /// scram-sha-256 | md5 | trust for this user.
     pub auth_type: Option<String>,
     pub pool_size: Option<usize>,
+}
+
+/// A pgbouncer.ini `[users]` line: pool settings only; the user logs in as auth_file/auth_query say.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct IniUser {
+    pub pool_size: Option<usize>,
     pub reserve_pool_size: Option<usize>,
     pub pool_mode: Option<String>,
     /// Server connections all pools of this user may hold together.
     pub max_user_connections: Option<usize>,
     /// Client connections this user may have at once.
     pub max_user_client_connections: Option<usize>,
-    /// From a pgbouncer.ini `[users]` line: pool settings only; the user logs in as auth_file/auth_query say.
-    #[serde(skip)]
-    pub settings_only: bool,
+    /// This user's own timeouts.
+    pub query_timeout: Option<Dur>,
+    pub idle_transaction_timeout: Option<Dur>,
+    pub client_idle_timeout: Option<Dur>,
+    pub transaction_timeout: Option<Dur>,
 }

@@ -117,6 +117,7 @@ pub(crate) async fn serve_client(count: ClientCount, mut stream: Stream, addr: S
         cancel.slot.clone(),
     );
     session.admission = logged_in.admission;
+    session.set_user_timeouts(&logged_in.user);
     let result = session.run().await;
     match result {
         Ok(()) | Err(Error::Io(_)) => {}

@@ -139,6 +139,11 @@ impl Session {
         (&mut self.relay, cx)
     }
 
+    /// The timeouts of the client's user (its own, from a pgbouncer.ini `[users]` line, else the global ones).
+    pub fn set_user_timeouts(&mut self, user: &str) {
+        self.timers = SessionTimers::for_user(&self.config.load().limits, user);
+    }
+
     /// The futures of the stages and the relay are boxed (one allocation per input or server read): the loop's
     /// own state, held by every idle client's task, then stays small (7.4 KB per client unboxed, bench/idle.sh).
     async fn serve(&mut self) -> Result<()> {
@@ -148,7 +153,8 @@ impl Session {
             }
             let held = self.relay.server.is_some();
             let quiet = self.relay.quiet();
-            self.timers.update(held && !self.relay.expect.is_empty(), held && quiet && self.state.status != TxStatus::Idle);
+            let in_tx = held && self.state.status != TxStatus::Idle;
+            self.timers.update_with(held && !self.relay.expect.is_empty(), in_tx && quiet, in_tx);
             if !held {
                 self.conn.idle();
             }
@@ -168,6 +174,7 @@ impl Session {
                     biased;
                     _ = self.relay.cancel.stopped() => Io::Shutdown,
                     r = self.conn.read() => Io::Client(r),
+                    k = self.timers.fired(), if self.timers.is_armed() => Io::Timer(k),
                 },
             };
             match ev {
@@ -185,7 +192,10 @@ impl Session {
                 }
                 Io::Server(r) => return Err(Box::pin(self.relay.server_lost(&self.parts.pool, &mut self.fill, r.err())).await),
                 Io::Shutdown => return Err(Error::Shutdown),
+                Io::Timer(Fired::ClientIdle) => return Err(Error::ClientIdleTimeout),
+                Io::Timer(Fired::Transaction) => return Err(Error::TransactionTimeout),
                 Io::Timer(Fired::Query) => {
+                    tracing::info!(pool = %self.parts.pool.key.database, "query timeout: cancelling the running statement (query_timeout)");
                     // The client then gets Postgres' own 57014; the slot's lock keeps the cancel off other clients.
                     let (slot, within) = (self.relay.cancel.clone(), self.timers.cancel_grace());
                     tokio::spawn(async move { slot.cancel_current(within).await });

@@ -148,6 +148,25 @@ pub struct LimitConfig {
     pub query_cancel_timeout: Duration,
     /// A client idle inside a transaction longer than this is disconnected (zero: off).
     pub idle_transaction_timeout: Duration,
+    /// A client idle outside a transaction longer than this is disconnected (zero: off).
+    pub client_idle_timeout: Duration,
+    /// A transaction open longer than this ends its client's connection (zero: off).
+    pub transaction_timeout: Duration,
+    /// Server-connection caps of single databases and users (a pgbouncer.ini's `max_db_connections` on a
+    /// `[databases]` line, `max_user_connections` on a `[users]` line), over the global ones.
+    pub db_connection_caps: BTreeMap<String, usize>,
+    pub user_connection_caps: BTreeMap<String, usize>,
+    /// Per-user values of the four timeouts above (a pgbouncer.ini `[users]` line), by user.
+    pub user_timeouts: BTreeMap<String, UserTimeouts>,
+}
+
+/// One user's own timeouts; None: the global value.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct UserTimeouts {
+    pub query: Option<Duration>,
+    pub idle_transaction: Option<Duration>,
+    pub client_idle: Option<Duration>,
+    pub transaction: Option<Duration>,
 }
 
 impl Default for LimitConfig {
@@ -167,6 +186,11 @@ impl Default for LimitConfig {
             query_timeout: Duration::ZERO,
             query_cancel_timeout: Duration::from_secs(1),
             idle_transaction_timeout: Duration::ZERO,
+            client_idle_timeout: Duration::ZERO,
+            transaction_timeout: Duration::ZERO,
+            user_timeouts: BTreeMap::new(),
+            db_connection_caps: BTreeMap::new(),
+            user_connection_caps: BTreeMap::new(),
         }
     }
 }
@@ -250,6 +274,24 @@ impl LimitConfig {
                 d => d.unwrap_or(Duration::from_secs(1)),
             },
             idle_transaction_timeout: s.idle_transaction_timeout.map(|d| d.0).unwrap_or(Duration::ZERO),
+            client_idle_timeout: s.client_idle_timeout.map(|d| d.0).unwrap_or(Duration::ZERO),
+            transaction_timeout: s.transaction_timeout.map(|d| d.0).unwrap_or(Duration::ZERO),
+            user_timeouts: s
+                .ini_users
+                .iter()
+                .map(|(name, u)| {
+                    let t = UserTimeouts {
+                        query: u.query_timeout.map(|d| d.0),
+                        idle_transaction: u.idle_transaction_timeout.map(|d| d.0),
+                        client_idle: u.client_idle_timeout.map(|d| d.0),
+                        transaction: u.transaction_timeout.map(|d| d.0),
+                    };
+                    (name.clone(), t)
+                })
+                .filter(|(_, t)| *t != UserTimeouts::default())
+                .collect(),
+            db_connection_caps: s.databases.iter().filter_map(|(n, d)| Some((n.clone(), d.max_db_connections?))).collect(),
+            user_connection_caps: s.ini_users.iter().filter_map(|(n, u)| Some((n.clone(), u.max_user_connections?))).collect(),
         })
     }
 

@@ -378,8 +378,9 @@ impl Limiter {
                 b.entry((scope, name.to_string())).or_insert_with(|| FairQueue::new(format!("{}:{name}", scope.name()), limit)).clone()
             })
         };
-        let budgets =
-            Budgets { user: get(Scope::User, user, cfg.max_user_connections), db: get(Scope::Database, db, cfg.max_db_connections) };
+        let user_cap = cfg.user_connection_caps.get(user).copied().unwrap_or(cfg.max_user_connections);
+        let db_cap = cfg.db_connection_caps.get(db).copied().unwrap_or(cfg.max_db_connections);
+        let budgets = Budgets { user: get(Scope::User, user, user_cap), db: get(Scope::Database, db, db_cap) };
         (budgets.user.is_some() || budgets.db.is_some()).then(|| Arc::new(budgets))
     }
 

@@ -1,7 +1,8 @@
-//! The session's one timer for `query_timeout` and `idle_transaction_timeout`: armed only while one applies,
-//! allocated once per session (and only when a timeout is configured), reset only when its deadline changes.
-//! After a query_timeout cancel it stays armed for `query_cancel_timeout`: a server that does not answer the
-//! cancel (a network that stopped answering) must not hold the client past that.
+//! The session's one timer for `query_timeout`, `idle_transaction_timeout`, `client_idle_timeout` and
+//! `transaction_timeout` (global, or the user's own): armed only while one applies, allocated once per session
+//! (and only when a timeout is configured), reset only when its deadline changes. After a query_timeout cancel it
+//! stays armed for `query_cancel_timeout`: a server that does not answer the cancel (a network that stopped
+//! answering) must not hold the client past that.
 
 use std::pin::Pin;
 use std::time::Duration;
@@ -19,18 +20,26 @@ pub enum Fired {
     /// The request was cancelled for query_timeout and its answer has not come within `query_cancel_timeout`:
     /// give up on the server connection.
     CancelUnanswered,
+    /// The client sat idle outside a transaction longer than `client_idle_timeout`.
+    ClientIdle,
+    /// A transaction has been open longer than `transaction_timeout`.
+    Transaction,
 }
 
 pub struct SessionTimers {
     query: Duration,
     cancel_grace: Duration,
     idle_tx: Duration,
+    client_idle: Duration,
+    tx: Duration,
     sleep: Option<Pin<Box<Sleep>>>,
     armed: Option<(Fired, Instant)>,
     busy_since: Option<Instant>,
     idle_since: Option<Instant>,
     /// When the running request was cancelled (it is not cancelled again; the grace runs from then).
     cancelled: Option<Instant>,
+    client_idle_since: Option<Instant>,
+    tx_since: Option<Instant>,
 }
 
 impl SessionTimers {
@@ -39,21 +48,60 @@ impl SessionTimers {
             query: cfg.query_timeout,
             cancel_grace: cfg.query_cancel_timeout,
             idle_tx: cfg.idle_transaction_timeout,
+            client_idle: cfg.client_idle_timeout,
+            tx: cfg.transaction_timeout,
             sleep: None,
             armed: None,
             busy_since: None,
             idle_since: None,
             cancelled: None,
+            client_idle_since: None,
+            tx_since: None,
         }
     }
 
+    /// The timers of a client of `user`: its own timeouts where it has them.
+    pub fn for_user(cfg: &LimitConfig, user: &str) -> SessionTimers {
+        let mut t = SessionTimers::new(cfg);
+        if let Some(u) = cfg.user_timeouts.get(user) {
+            t.query = u.query.unwrap_or(t.query);
+            t.idle_tx = u.idle_transaction.unwrap_or(t.idle_tx);
+            t.client_idle = u.client_idle.unwrap_or(t.client_idle);
+            t.tx = u.transaction.unwrap_or(t.tx);
+        }
+        t
+    }
+
     fn enabled(&self) -> bool {
-        !self.query.is_zero() || !self.idle_tx.is_zero()
+        !self.query.is_zero() || !self.idle_tx.is_zero() || !self.client_idle.is_zero() || !self.tx.is_zero()
     }
 
     /// Called before each wait: `busy` = replies are outstanding; `idle_in_tx` = the client holds a server inside
     /// a transaction and owes nothing. Arms, moves or disarms the timer.
     pub fn update(&mut self, busy: bool, idle_in_tx: bool) {
+        self.update_with(busy, idle_in_tx, idle_in_tx);
+    }
+
+    /// `update`, knowing also whether a transaction is open (`in_tx`, busy or not): a client neither busy nor in
+    /// a transaction is idle (client_idle_timeout); a transaction is timed from its start (transaction_timeout).
+    pub fn update_with(&mut self, busy: bool, idle_in_tx: bool, in_tx: bool) {
+        if !self.enabled() {
+            return;
+        }
+        if !busy && !in_tx {
+            self.client_idle_since.get_or_insert_with(Instant::now);
+        } else {
+            self.client_idle_since = None;
+        }
+        if in_tx {
+            self.tx_since.get_or_insert_with(Instant::now);
+        } else {
+            self.tx_since = None;
+        }
+        self.arm(busy, idle_in_tx);
+    }
+
+    fn arm(&mut self, busy: bool, idle_in_tx: bool) {
         if !self.enabled() {
             return;
         }
@@ -69,12 +117,19 @@ impl SessionTimers {
         } else {
             self.idle_since = None;
         }
-        let want = match (self.busy_since, self.idle_since) {
-            (Some(_), _) if self.cancelled.is_some() => self.cancelled.map(|c| (Fired::CancelUnanswered, c + self.cancel_grace)),
-            (Some(t), _) if !self.query.is_zero() => Some((Fired::Query, t + self.query)),
-            (_, Some(t)) if !self.idle_tx.is_zero() => Some((Fired::IdleInTransaction, t + self.idle_tx)),
-            _ => None,
+        // The earliest deadline of the timeouts that apply now; a cancelled request waits out its grace instead
+        // of its query_timeout.
+        let query = match self.cancelled {
+            Some(c) => self.busy_since.map(|_| (Fired::CancelUnanswered, c + self.cancel_grace)),
+            None => self.busy_since.filter(|_| !self.query.is_zero()).map(|t| (Fired::Query, t + self.query)),
         };
+        let candidates = [
+            query,
+            self.idle_since.filter(|_| !self.idle_tx.is_zero()).map(|t| (Fired::IdleInTransaction, t + self.idle_tx)),
+            self.client_idle_since.filter(|_| !self.client_idle.is_zero()).map(|t| (Fired::ClientIdle, t + self.client_idle)),
+            self.tx_since.filter(|_| !self.tx.is_zero()).map(|t| (Fired::Transaction, t + self.tx)),
+        ];
+        let want = candidates.into_iter().flatten().min_by_key(|(_, at)| *at);
         if want != self.armed {
             self.armed = want;
             if let Some((_, at)) = want {

@@ -15,10 +15,7 @@ use crate::harness::{connect, Proxy};
 /// User `app` logs in without a password, so a raw socket can log in.
 fn trusting() -> Settings {
     let mut users = std::collections::BTreeMap::new();
-    users.insert(
-        "app".to_string(),
-        UserSettings { password: Some("app".into()), auth_type: Some("trust".into()), pool_size: None, ..Default::default() },
-    );
+    users.insert("app".to_string(), UserSettings { password: Some("app".into()), auth_type: Some("trust".into()), pool_size: None });
     Settings { users, pool_size: Some(2), ..Default::default() }
 }
 

@@ -14,6 +14,7 @@ mod invalidation;
 mod limits;
 mod openfiles;
 mod ops;
+mod pgbouncer;
 mod pooling;
 mod process;
 mod redis;
