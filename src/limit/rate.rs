@@ -79,7 +79,15 @@ impl KeyedRate {
         match &self.global {
             None => self.take_local(key, deadline).await,
             Some(g) => match g.take(key, deadline).await {
-                Some(r) => r,
+                Some(r) => {
+                    // Tokens Redis grants are spent locally too (never refused), so the local share is as used as
+                    // this instance's traffic: a call that times out is then decided against what is left of it,
+                    // not against a share refilled while Redis answered.
+                    if r.is_ok() {
+                        let _ = g.fallback().check(key);
+                    }
+                    r
+                }
                 None => g.fallback().take_local(key, deadline).await,
             },
         }
