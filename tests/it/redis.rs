@@ -263,3 +263,33 @@ async fn instances_sharing_a_cache_tier_run_each_read_once_and_writes_void_it_ev
         assert_eq!(read(&c, &t).await, ("new".into(), "new".into()));
     }
 }
+
+/// The limiter's cost per token, local and through Redis on loopback (p50/p99 of 20,000 sequential tokens):
+/// `bench/redis.sh` runs it. Not an assertion: a measurement. On one current-thread runtime, as pgsurge runs on up to 2
+/// cores (`workers`).
+#[tokio::test(flavor = "current_thread")]
+#[ignore = "a measurement (bench/redis.sh)"]
+async fn limiter_round_trip() {
+    use pgsurge::limit::{Key, KeyedRate, Rate};
+    let redis = RedisServer::start();
+    let cfg = pgsurge::redis::RedisConfig::build(&redis.url(), Some(Duration::from_millis(100)), None).unwrap();
+    let r = pgsurge::redis::Redis::new(cfg).unwrap();
+    tokio::spawn(r.clone().run());
+    assert!(eventually(Duration::from_secs(10), || async { r.is_up() }).await);
+    let rate = Rate { per_second: 1_000_000, burst: 1_000_000 };
+    let key: Key = "app".into();
+    for (name, limiter) in [("local", KeyedRate::new(rate)), ("global", KeyedRate::global(rate, r.clone(), "bench"))] {
+        let mut us = vec![];
+        for i in 0..21_000 {
+            let t = tokio::time::Instant::now();
+            limiter.take(&key, t).await.unwrap();
+            if i >= 1_000 {
+                us.push(t.elapsed().as_secs_f64() * 1e6);
+            }
+        }
+        us.sort_by(f64::total_cmp);
+        let at = |q: f64| us[((us.len() as f64 * q) as usize).min(us.len() - 1)];
+        println!("ROUNDTRIP limit={name} tokens={} p50_us={:.1} p99_us={:.1} p999_us={:.1}", us.len(), at(0.5), at(0.99), at(0.999));
+    }
+    println!("ROUNDTRIP redis_fallbacks={}", r.stats.fallbacks.load(Ordering::Relaxed));
+}
