@@ -63,11 +63,6 @@ impl KeyedRate {
         Arc::new(KeyedRate::build(rate, Some(GlobalRate::new(redis, name, rate))))
     }
 
-    /// Whether this rate is shared through Redis.
-    pub fn is_global(&self) -> bool {
-        self.global.is_some()
-    }
-
     /// Takes one token for `key` now, or says how long until one is free.
     pub fn check(&self, key: &Key) -> Result<(), Duration> {
         self.limiter.check_key(key).map_err(|nu| nu.wait_time_from(self.clock.now()))
