@@ -14,12 +14,17 @@ use crate::harness::{code, connect, eventually, pg, try_connect, unique, Proxy};
 struct RedisServer {
     port: u16,
     child: Option<Child>,
+    extra: Vec<String>,
 }
 
 impl RedisServer {
     fn start() -> RedisServer {
+        Self::start_with(&[])
+    }
+
+    fn start_with(extra: &[&str]) -> RedisServer {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut r = RedisServer { port, child: None };
+        let mut r = RedisServer { port, child: None, extra: extra.iter().map(|s| s.to_string()).collect() };
         r.up();
         r
     }
@@ -28,6 +33,7 @@ impl RedisServer {
     fn up(&mut self) {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -186,6 +192,24 @@ async fn with_redis_down_each_instance_takes_its_share_and_the_global_rate_retur
     let (ok, refused) = flood(&clients, 5).await;
     let most = 4 + start.elapsed().as_secs() as usize + 1;
     assert!(ok <= most && refused > 0, "{ok} of 10 admitted once Redis was back (at most {most})");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_come_from_the_url_and_a_redis_that_refuses_them_refuses_no_client() {
+    let redis = RedisServer::start_with(&["--requirepass", "s3cret"]);
+    let url = format!("redis://:s3cret@127.0.0.1:{}", redis.port);
+    let ok = fleet(1, Settings { redis_url: Some(url), ..limited(&redis, 1000, 10) }).await;
+    ok[0].client().await.simple_query("SELECT 1").await.expect("admitted through Redis");
+
+    let wrong =
+        Proxy::start(Settings { redis_url: Some(format!("redis://:nope@127.0.0.1:{}", redis.port)), ..limited(&redis, 1000, 10) }).await;
+    let c = wrong.client().await;
+    for _ in 0..5 {
+        c.simple_query("SELECT 1").await.expect("a Redis that refuses us is a Redis that is down: local limits");
+    }
+    let r = wrong.app.redis.clone().unwrap();
+    assert!(!r.is_up() && r.stats.fallbacks.load(Ordering::Relaxed) >= 5);
+    assert!(!pgsurge::admin::metrics::render(&wrong.app).contains("s3cret"));
 }
 
 /// Executions Postgres recorded of statements mentioning `table`.
