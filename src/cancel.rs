@@ -129,6 +129,11 @@ impl CancelSlot {
         self.waker.wake();
     }
 
+    /// Whether `stop` has been called.
+    pub fn is_stopped(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
     /// Resolves once `stop` has been called.
     pub fn stopped(&self) -> Flag<'_> {
         Flag(&self.stop, &self.waker)
@@ -174,14 +179,23 @@ impl CancelSlot {
         now.saturating_duration_since(since)
     }
 
-    /// Cancels the query of the server connection this client holds now, if any (query_timeout). While it is
-    /// delivered the session cannot change targets, so the connection cannot be handed to another client meanwhile.
-    pub async fn cancel_current(&self) {
+    /// Cancels the query of the server connection this client holds now, if any (query_timeout), trying for at
+    /// most `within`. While it is delivered the session cannot change targets, so the connection cannot be handed
+    /// to another client meanwhile.
+    pub async fn cancel_current(&self, within: std::time::Duration) {
         if let Some((t, _delivering)) = self.begin_delivery() {
-            if let Err(e) = forward(&t).await {
+            if let Err(e) = forward_within(&t, within).await {
                 tracing::warn!(error = %e, "forwarding a query_timeout cancel failed");
             }
         }
+    }
+
+    /// Forgets the target at once, even while a cancel is being delivered to it: for a server connection that is
+    /// being closed, which no other client can get (a late cancel reaches only its own backend, by its secret).
+    pub fn clear_now(&self) {
+        let mut g = self.target.lock();
+        self.note(false);
+        g.current = None;
     }
 
     /// Non-waiting version for the hot path: succeeds unless a cancel is being delivered right now.
@@ -268,6 +282,12 @@ impl CancelRegistry {
 
 /// Sends the CancelRequest and waits for Postgres to close the connection, which it does after signalling.
 pub async fn forward(t: &CancelTarget) -> std::io::Result<()> {
+    forward_within(t, std::time::Duration::from_secs(5)).await
+}
+
+/// `forward`, given up after `within` (a server that does not answer must not hold the delivery, and with it the
+/// session, any longer).
+pub async fn forward_within(t: &CancelTarget, within: std::time::Duration) -> std::io::Result<()> {
     let fut = async {
         let mut s = crate::net::dial(&t.host, t.port).await?;
         s.write_all(&encode::cancel_request(t.pid, &t.secret)).await?;
@@ -275,5 +295,5 @@ pub async fn forward(t: &CancelTarget) -> std::io::Result<()> {
         while s.read(&mut sink).await? > 0 {}
         Ok(())
     };
-    tokio::time::timeout(std::time::Duration::from_secs(5), fut).await.unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+    tokio::time::timeout(within, fut).await.unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
 }

@@ -20,6 +20,7 @@ pub mod process;
 pub mod protocol;
 pub mod redis;
 pub mod sql;
+pub mod standin;
 pub mod state;
 pub mod tls;
 
@@ -40,7 +41,21 @@ pub async fn run(app: Arc<App>, listener: TcpListener) -> std::io::Result<()> {
 
 /// `run`, plus the admin HTTP endpoint (/metrics, /healthz, /readyz) on `admin` while pgsurge runs.
 pub async fn serve(app: Arc<App>, listener: TcpListener, admin: Option<TcpListener>) -> std::io::Result<()> {
+    serve_with_unix(app, listener, admin, None).await
+}
+
+/// `serve`, plus clients on a Unix-domain socket (bound with `frontend::unix::bind`) whose file is removed at exit.
+pub async fn serve_with_unix(
+    app: Arc<App>,
+    listener: TcpListener,
+    admin: Option<TcpListener>,
+    unix: Option<(tokio::net::UnixListener, std::path::PathBuf)>,
+) -> std::io::Result<()> {
     tracing::info!(listen = %listener.local_addr()?, "pgsurge accepting connections");
+    if let Some((l, path)) = unix {
+        tracing::info!(unix_socket = %path.display(), "pgsurge accepting connections");
+        tokio::spawn(frontend::unix::accept_loop(app.clone(), l, path));
+    }
     let http = admin.map(|l| tokio::spawn(admin::http::serve(app.clone(), l)));
     let janitor = tokio::spawn(janitor(app.clone()));
     // Redis (global limits, shared cache tier): its connection, heartbeat and probe, and the invalidation writer.

@@ -87,10 +87,12 @@ pub async fn readiness(app: &App) -> Result<(), String> {
     let cfg = app.config.load_full();
     let mut last = String::from("no upstream configured");
     for d in cfg.databases.values() {
-        match tokio::time::timeout(Duration::from_secs(1), crate::net::dial(&d.host, d.port)).await {
-            Ok(Ok(_)) => return Ok(()),
-            Ok(Err(e)) => last = format!("upstream {} unreachable: {e}", crate::net::display_addr(&d.host, d.port)),
-            Err(_) => last = format!("upstream {} unreachable: connect timed out", crate::net::display_addr(&d.host, d.port)),
+        for (host, port) in std::iter::once((&d.host, d.port)).chain(d.more_hosts.iter().map(|(h, p)| (h, *p))) {
+            match tokio::time::timeout(Duration::from_secs(1), crate::net::dial(host, port)).await {
+                Ok(Ok(_)) => return Ok(()),
+                Ok(Err(e)) => last = format!("upstream {} unreachable: {e}", crate::net::display_addr(host, port)),
+                Err(_) => last = format!("upstream {} unreachable: connect timed out", crate::net::display_addr(host, port)),
+            }
         }
     }
     Err(last)

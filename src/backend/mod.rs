@@ -1,10 +1,12 @@
-//! Server side: connections to Postgres, the per-(database, user) pools with their slow lanes, and the checkout
+//! Server side: connections to Postgres (several hosts, target_session_attrs, keepalive), the per-(database, user) pools with their slow lanes, and the checkout
 //! guard.
 
 pub mod checkout;
+pub mod hosts;
 pub mod lane;
 pub mod pool;
 pub mod server;
+pub mod socket;
 
 pub use checkout::{Checkout, ReleaseState};
 pub use pool::{Pool, PoolKey};

@@ -1,4 +1,5 @@
-//! One server connection: connect, log in (SCRAM, md5, cleartext or passthrough), and the raw stream.
+//! One server connection: connect (to the first listed host that will do), log in (SCRAM, md5, cleartext or
+//! passthrough), and the raw stream.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +16,9 @@ use crate::net::Stream;
 use crate::protocol::codes::*;
 use crate::protocol::view::{self, ErrorView};
 use crate::protocol::{encode, FrameSplitter};
+
+use super::hosts::TargetSessionAttrs;
+use super::socket::TcpOpts;
 
 /// How pgsurge proves itself to Postgres for one pool.
 #[derive(Clone)]
@@ -39,11 +43,22 @@ pub struct ServerTarget {
     /// Named statements kept prepared per server connection.
     pub max_prepared: std::num::NonZeroUsize,
     pub tls: crate::tls::ServerTls,
+    /// The hosts after `host:port`, tried in order when it fails or is not what `attrs` asks for (libpq's list).
+    pub more_hosts: Arc<[(String, u16)]>,
+    pub attrs: TargetSessionAttrs,
+    /// Keepalive and TCP_USER_TIMEOUT of the TCP connections (backend/socket.rs).
+    pub tcp: TcpOpts,
 }
 
 impl ServerTarget {
+    /// Every host, `h1:5432,h2:5433`.
     pub fn addr(&self) -> String {
-        crate::net::display_addr(&self.host, self.port)
+        super::hosts::list_addr(self.hosts())
+    }
+
+    /// The hosts in libpq's order: `host:port`, then `more_hosts`.
+    pub fn hosts(&self) -> impl Iterator<Item = (&str, u16)> {
+        std::iter::once((self.host.as_str(), self.port)).chain(self.more_hosts.iter().map(|(h, p)| (h.as_str(), *p)))
     }
 }
 
@@ -72,18 +87,68 @@ pub struct ServerConn {
 pub const MAX_SERVER_MESSAGE: usize = (1 << 30) + 1024;
 
 impl ServerConn {
-    /// Opens and logs in a server connection within `timeout`.
+    /// Opens and logs in a server connection: to the first host, in the listed order, that accepts the login and
+    /// is what `target_session_attrs` asks for. Each host gets `timeout` (login and check included); a refused
+    /// connect moves on at once. As in libpq, a failed authentication ends the search.
     pub async fn connect(id: u64, target: &ServerTarget, timeout: Duration) -> Result<ServerConn> {
-        match tokio::time::timeout(timeout, Self::connect_inner(id, target)).await {
+        if target.more_hosts.is_empty() && target.attrs == TargetSessionAttrs::Any {
+            return Self::connect_host(id, target, &target.host, target.port, timeout).await;
+        }
+        let mut tried = vec![];
+        // prefer-standby: the first server that logged in but is no standby, used if no host is one.
+        let mut fallback: Option<ServerConn> = None;
+        for (host, port) in target.hosts() {
+            let addr = crate::net::display_addr(host, port);
+            let checked = tokio::time::timeout(timeout, async {
+                let mut c = Self::connect_inner(id, target, host, port).await?;
+                let fact = match target.attrs.needs() {
+                    Some(f) => Some((f, c.fact(f).await?)),
+                    None => None,
+                };
+                Ok::<_, Error>((c, fact))
+            });
+            match checked.await {
+                Ok(Ok((c, None))) => return Ok(c),
+                Ok(Ok((c, Some((_, v))))) if target.attrs.accepts(v) => return Ok(c),
+                Ok(Ok((mut c, Some((fact, v))))) => {
+                    tried.push(format!("{addr} {} (target_session_attrs={})", fact.describe(v), target.attrs));
+                    if target.attrs == TargetSessionAttrs::PreferStandby && fallback.is_none() {
+                        fallback = Some(c);
+                    } else {
+                        let _ = c.send(&encode::terminate()).await;
+                    }
+                }
+                Ok(Err(e)) if is_auth_failure(&e) => return Err(e),
+                Ok(Err(Error::UpstreamConnect { reason, .. })) => tried.push(format!("{addr}: {reason}")),
+                Ok(Err(e)) => tried.push(format!("{addr}: {e}")),
+                Err(_) => tried.push(format!("{addr}: timed out after {}ms", timeout.as_millis())),
+            }
+        }
+        if let Some(c) = fallback {
+            return Ok(c);
+        }
+        Err(Error::UpstreamConnect { addr: target.addr(), reason: tried.join("; ") })
+    }
+
+    /// Opens and logs in a server connection to one host within `timeout`.
+    async fn connect_host(id: u64, target: &ServerTarget, host: &str, port: u16, timeout: Duration) -> Result<ServerConn> {
+        match tokio::time::timeout(timeout, Self::connect_inner(id, target, host, port)).await {
             Ok(r) => r,
-            Err(_) => Err(Error::UpstreamConnect { addr: target.addr(), reason: format!("timed out after {}ms", timeout.as_millis()) }),
+            Err(_) => Err(Error::UpstreamConnect {
+                addr: crate::net::display_addr(host, port),
+                reason: format!("timed out after {}ms", timeout.as_millis()),
+            }),
         }
     }
 
-    async fn connect_inner(id: u64, target: &ServerTarget) -> Result<ServerConn> {
-        let io_err = |e: std::io::Error| Error::UpstreamConnect { addr: target.addr(), reason: e.to_string() };
-        let mut stream = match crate::net::dial(&target.host, target.port).await.map_err(io_err)? {
-            Stream::Plain(tcp) => crate::tls::connect_upstream(tcp, &target.host, &target.tls).await.map_err(io_err)?,
+    async fn connect_inner(id: u64, target: &ServerTarget, host: &str, port: u16) -> Result<ServerConn> {
+        let io_err = |e: std::io::Error| Error::UpstreamConnect { addr: crate::net::display_addr(host, port), reason: e.to_string() };
+        let stream = crate::net::dial(host, port).await.map_err(io_err)?;
+        if let Stream::Plain(tcp) = &stream {
+            target.tcp.apply(tcp).map_err(io_err)?;
+        }
+        let mut stream = match stream {
+            Stream::Plain(tcp) => crate::tls::connect_upstream(tcp, host, &target.tls).await.map_err(io_err)?,
             // A Unix-domain socket is local: no TLS over it, whatever server_tls_mode says (libpq's rule).
             local => local,
         };
@@ -92,7 +157,7 @@ impl ServerConn {
             id,
             stream,
             rbuf: BytesMut::with_capacity(16 * 1024),
-            cancel_target: Arc::new(CancelTarget { host: target.host.clone(), port: target.port, pid: 0, secret: vec![] }),
+            cancel_target: Arc::new(CancelTarget { host: host.to_string(), port, pid: 0, secret: vec![] }),
             reported: vec![],
             applied: Default::default(),
             prepared: lru::LruCache::new(target.max_prepared),
@@ -100,8 +165,24 @@ impl ServerConn {
             created: Instant::now(),
             last_used: Instant::now(),
         };
-        conn.login(target).await?;
+        conn.login(target, host, port).await?;
         Ok(conn)
+    }
+
+    /// What `target_session_attrs` needs to know of this server: from the login's ParameterStatus (Postgres 14
+    /// and later), else asked. Asked of each new connection, so a standby promoted since is seen as a primary.
+    async fn fact(&mut self, fact: super::hosts::Fact) -> Result<bool> {
+        if let Some(v) = fact.from_params(&self.reported) {
+            return Ok(v);
+        }
+        let rows = self.simple_rows(fact.query()).await?;
+        let v = rows.first().and_then(|r| r.first()).and_then(|v| v.as_deref()).and_then(super::hosts::Fact::parse_answer);
+        v.ok_or_else(|| Error::UpstreamLost(format!("unexpected answer to {}", fact.query())))
+    }
+
+    /// The host and port this connection is to (one of the target's hosts).
+    pub fn addr(&self) -> String {
+        crate::net::display_addr(&self.cancel_target.host, self.cancel_target.port)
     }
 
     /// Reads one whole message during login or reset.
@@ -124,7 +205,7 @@ impl ServerConn {
         self.stream.write_all(b).await.map_err(|e| Error::UpstreamLost(e.to_string()))
     }
 
-    async fn login(&mut self, target: &ServerTarget) -> Result<()> {
+    async fn login(&mut self, target: &ServerTarget, host: &str, port: u16) -> Result<()> {
         let mut scram: Option<ScramClient> = None;
         loop {
             let (tag, body) = self.read_msg().await?;
@@ -184,8 +265,7 @@ impl ServerConn {
                 }
                 BACKEND_KEY_DATA if body.len() >= 8 => {
                     let pid = u32::from_be_bytes([body[0], body[1], body[2], body[3]]);
-                    self.cancel_target =
-                        Arc::new(CancelTarget { host: target.host.clone(), port: target.port, pid, secret: body[4..].to_vec() });
+                    self.cancel_target = Arc::new(CancelTarget { host: host.to_string(), port, pid, secret: body[4..].to_vec() });
                 }
                 READY_FOR_QUERY => return Ok(()),
                 _ => {} // notices, NegotiateProtocolVersion
@@ -240,6 +320,11 @@ impl ServerConn {
         // Not alive on EOF, an error, or unexpected bytes (e.g. a FATAL after an admin shutdown).
         self.stream.looks_alive() && self.rbuf.is_empty()
     }
+}
+
+/// Authentication refused (28xxx): libpq tries no further host.
+fn is_auth_failure(e: &Error) -> bool {
+    matches!(e, Error::Server(v) if v.code.starts_with("28"))
 }
 
 /// A login pgsurge cannot complete is a configuration problem, not a transient one: 28000 at once.

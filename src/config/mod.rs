@@ -1,7 +1,9 @@
 //! Typed, validated configuration: flags > environment > file > defaults, resolved into databases and users.
 
 mod authfile;
+pub mod ini;
 pub mod keys;
+mod network;
 pub mod reload;
 mod settings;
 mod upstream;
@@ -12,7 +14,7 @@ use std::path::Path;
 use std::time::Duration;
 
 pub use authfile::parse_auth_file;
-pub use settings::{Command, DatabaseSettings, DemoArgs, Dur, Settings, UserSettings};
+pub use settings::{Command, DatabaseSettings, DemoArgs, Dur, Ports, Settings, UserSettings};
 pub use upstream::UpstreamUrl;
 
 use crate::auth::secret::Secret;
@@ -51,13 +53,30 @@ pub enum LogFormat {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Database {
     pub name: String,
+    /// The first upstream host (of several, as libpq lists them) and its port.
     pub host: String,
     pub port: u16,
+    /// The hosts tried after the first, in order, and what a host must be to be used.
+    pub more_hosts: Vec<(String, u16)>,
+    pub target_session_attrs: crate::backend::hosts::TargetSessionAttrs,
     pub dbname: String,
     /// Forced upstream login, else the client's own user.
     pub user: Option<(String, Option<String>)>,
     pub pool_size: usize,
     pub pool_mode: PoolMode,
+    /// pgbouncer.ini extras: kept open even when idle (else the global `min_pool_size`) ...
+    pub min_pool_size: Option<usize>,
+    /// ... run on each new server connection ...
+    pub connect_query: Option<String>,
+    /// ... startup parameters sent upstream (client_encoding, datestyle, timezone) ...
+    pub startup: BTreeMap<String, String>,
+    /// ... a server lifetime of its own ...
+    pub server_lifetime: Option<Duration>,
+    /// ... a reserve pool of its own ...
+    pub reserve_pool_size: Option<usize>,
+    /// ... and auth_query settings of its own: look secrets up as this user, in that configured database.
+    pub auth_user: Option<String>,
+    pub auth_dbname: Option<String>,
 }
 
 /// A user clients may log in as, with what pgsurge knows of its password.
@@ -83,6 +102,8 @@ pub struct Config {
     pub server_lifetime: Duration,
     pub server_idle_timeout: Duration,
     pub server_check_delay: Duration,
+    /// server_tcp_keepalive / _keepidle / _keepintvl / _keepcnt and tcp_user_timeout.
+    pub server_tcp: crate::backend::socket::TcpOpts,
     pub client_login_timeout: Duration,
     pub shutdown_timeout: Duration,
     pub auth_type: AuthMethod,
@@ -111,6 +132,17 @@ pub struct Config {
     pub slow_query_threshold: Duration,
     /// ... and may hold this share of each pool's server connections (at least one).
     pub slow_pool_share: f64,
+    /// Extra server connections per pool for clients that waited `reserve_pool_timeout` (0: none).
+    pub reserve_pool_size: usize,
+    pub reserve_pool_timeout: Duration,
+    /// Directory of the Unix-domain socket `.s.PGSQL.<port>` (None: TCP only).
+    pub unix_socket_dir: Option<std::path::PathBuf>,
+    /// Log lines are appended here too (PgBouncer's `logfile`).
+    pub logfile: Option<std::path::PathBuf>,
+    /// The process id is written here at start.
+    pub pidfile: Option<std::path::PathBuf>,
+    /// Keys of a pgbouncer.ini read but not applied, with why.
+    pub ignored: Vec<String>,
     /// Redis shared by the instances (`redis_url`): global rate limits and the shared cache tier (src/redis.rs).
     pub redis: Option<crate::redis::RedisConfig>,
 }
@@ -124,6 +156,18 @@ fn bad(msg: impl Into<String>) -> ConfigError {
 }
 
 impl Config {
+    /// Server connections pgsurge may open at most, estimated for the open-files check: every database's pool for
+    /// each configured user (one when none is configured or the database forces its login user).
+    pub fn server_conn_estimate(&self) -> usize {
+        let users = self.users.len().max(1);
+        let biggest_user_pool = self.users.values().filter_map(|u| u.pool_size).max().unwrap_or(0);
+        let per_db = |d: &Database| match d.user {
+            Some(_) => d.pool_size,
+            None => d.pool_size.max(biggest_user_pool) * users,
+        };
+        self.databases.values().map(per_db).sum::<usize>().max(self.pool_size)
+    }
+
     /// Reads the file named by `cli.config` (if any) under the flags/env already in `cli`, and builds.
     pub fn load(cli: Settings) -> Result<Config, ConfigError> {
         let file = match &cli.config {
@@ -166,6 +210,8 @@ impl Config {
         }
 
         let upstream = s.upstream.as_deref().map(UpstreamUrl::parse).transpose().map_err(bad)?;
+        let attrs = network::upstream_attrs(s.target_session_attrs.as_deref())?;
+        let server_tcp = network::server_tcp(&s)?;
         let (client_tls_mode, client_tls) = client_tls(&s)?;
         let server_tls = server_tls(&s, upstream.as_ref().and_then(|u| u.sslmode.as_deref()))?;
 
@@ -178,7 +224,24 @@ impl Config {
             );
             databases.insert(
                 u.dbname.clone(),
-                Database { name: u.dbname.clone(), host: u.host, port: u.port, dbname: u.dbname, user: None, pool_size, pool_mode },
+                Database {
+                    name: u.dbname.clone(),
+                    host: u.host,
+                    port: u.port,
+                    more_hosts: u.more_hosts,
+                    target_session_attrs: u.target_session_attrs.unwrap_or(attrs),
+                    dbname: u.dbname,
+                    user: None,
+                    pool_size,
+                    pool_mode,
+                    min_pool_size: None,
+                    connect_query: None,
+                    startup: BTreeMap::new(),
+                    server_lifetime: None,
+                    auth_user: None,
+                    auth_dbname: None,
+                    reserve_pool_size: None,
+                },
             );
         }
         if let Some(path) = &s.auth_file {
@@ -188,6 +251,13 @@ impl Config {
             }
         }
         for (name, u) in &s.users {
+            if u.settings_only {
+                // pgbouncer.ini [users]: pool settings for a user that logs in as auth_file/auth_query say.
+                if let Some(known) = users.get_mut(name) {
+                    known.pool_size = u.pool_size.or(known.pool_size);
+                }
+                continue;
+            }
             let auth = match &u.auth_type {
                 Some(a) => parse_auth(a)?,
                 None => auth_type,
@@ -203,11 +273,14 @@ impl Config {
         }
         for (name, d) in &s.databases {
             let default_host = databases.values().next().map(|x: &Database| (x.host.clone(), x.port));
-            let host = d.host.clone().or_else(|| default_host.as_ref().map(|h| h.0.clone())).unwrap_or_else(|| "127.0.0.1".into());
-            let port = d.port.or(default_host.map(|h| h.1)).unwrap_or(5432);
+            let (host, port, more_hosts) = network::database_hosts(name, d, default_host)?;
             let db_mode = match &d.pool_mode {
                 Some(m) => parse_pool_mode(m)?,
                 None => pool_mode,
+            };
+            let target_session_attrs = match &d.target_session_attrs {
+                Some(a) => network::upstream_attrs(Some(a)).map_err(|e| bad(format!("databases.{name}.{}", e.0)))?,
+                None => attrs,
             };
             databases.insert(
                 name.clone(),
@@ -215,10 +288,19 @@ impl Config {
                     name: name.clone(),
                     host,
                     port,
+                    more_hosts,
+                    target_session_attrs,
                     dbname: d.dbname.clone().unwrap_or_else(|| name.clone()),
                     user: d.user.clone().map(|u| (u, d.password.clone())),
                     pool_size: d.pool_size.unwrap_or(pool_size),
                     pool_mode: db_mode,
+                    min_pool_size: d.min_pool_size,
+                    connect_query: d.connect_query.clone(),
+                    startup: d.startup.clone(),
+                    server_lifetime: d.server_lifetime.map(|x| x.0),
+                    auth_user: d.auth_user.clone(),
+                    auth_dbname: d.auth_dbname.clone(),
+                    reserve_pool_size: d.reserve_pool_size,
                 },
             );
         }
@@ -228,7 +310,7 @@ impl Config {
         if users.is_empty() {
             return Err(bad("no users: give --upstream with a user and password, --auth-file, or [users] sections"));
         }
-        let limits = crate::limit::LimitConfig::build(&s)?;
+        let limits = crate::limit::LimitConfig::build(&client_caps(&s))?;
         let cache_flags =
             crate::cache::config::CacheFlags { enabled: s.cache_flag, ttl: s.cache_ttl, notify: s.cache_notify, redis: s.cache_redis };
         let redis = match s.redis_url.as_deref().filter(|u| !u.is_empty()) {
@@ -262,7 +344,8 @@ impl Config {
             server_lifetime: s.server_lifetime.map(|d| d.0).unwrap_or(Duration::from_secs(3600)),
             server_idle_timeout: s.server_idle_timeout.map(|d| d.0).unwrap_or(Duration::from_secs(600)),
             server_check_delay: s.server_check_delay.map(|d| d.0).unwrap_or(Duration::from_secs(1)),
-            client_login_timeout: s.client_login_timeout.map(|d| d.0).unwrap_or(Duration::from_secs(60)),
+            server_tcp,
+            client_login_timeout: s.client_login_timeout.map(|d| d.0).unwrap_or(Duration::from_secs(10)),
             shutdown_timeout: s.shutdown_timeout.map(|d| d.0).unwrap_or(Duration::from_secs(30)),
             auth_type,
             max_message_size,
@@ -279,8 +362,44 @@ impl Config {
             server_tls,
             databases,
             users,
+            unix_socket_dir: s.unix_socket_dir.as_deref().filter(|d| !d.is_empty()).map(std::path::PathBuf::from),
+            logfile: s.logfile.clone(),
+            reserve_pool_size: s.reserve_pool_size.unwrap_or(0),
+            reserve_pool_timeout: s.reserve_pool_timeout.map(|d| d.0).unwrap_or(Duration::from_secs(5)),
+            pidfile: s.pidfile.clone(),
+            ignored: s.ignored.clone(),
         })
     }
+
+    /// Where the Unix-domain socket lives: `<unix_socket_dir>/.s.PGSQL.<listen port>`.
+    pub fn unix_socket_path(&self) -> Option<std::path::PathBuf> {
+        let port = self.listen.rsplit(':').next()?;
+        Some(self.unix_socket_dir.as_ref()?.join(format!(".s.PGSQL.{port}")))
+    }
+}
+
+/// PgBouncer's client caps (`max_db_client_connections`, `max_user_client_connections`, global and per
+/// database/user) are connection caps of the `[limits]` table; one written there wins.
+fn client_caps(s: &Settings) -> Settings {
+    let mut s = s.clone();
+    let l = &mut s.limits;
+    if let Some(n) = s.max_db_client_connections.filter(|n| *n > 0) {
+        l.per_database.max_connections.get_or_insert(n);
+    }
+    if let Some(n) = s.max_user_client_connections.filter(|n| *n > 0) {
+        l.per_user.max_connections.get_or_insert(n);
+    }
+    for (name, d) in &s.databases {
+        if let Some(n) = d.max_db_client_connections.filter(|n| *n > 0) {
+            l.databases.entry(name.clone()).or_default().max_connections.get_or_insert(n);
+        }
+    }
+    for (name, u) in &s.users {
+        if let Some(n) = u.max_user_client_connections.filter(|n| *n > 0) {
+            l.users.entry(name.clone()).or_default().max_connections.get_or_insert(n);
+        }
+    }
+    s
 }
 
 /// PgBouncer's default lookup; needs a superuser, or use a SECURITY DEFINER function (see README).
@@ -335,6 +454,12 @@ fn list(s: &Option<String>) -> Vec<String> {
 
 fn read_file(path: &Path) -> Result<Settings, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|e| bad(format!("{}: {e}", path.display())))?;
+    if ini::is_ini(&text) {
+        let ini = ini::read(path)?;
+        let mut s = ini.settings;
+        s.ignored = ini.ignored;
+        return Ok(s);
+    }
     toml::from_str(&text).map_err(|e| bad(format!("{}: {e}", path.display())))
 }
 

@@ -81,6 +81,10 @@ macro_rules! settings {
             #[arg(skip)]
             #[serde(default)]
             pub limits: crate::limit::LimitSettings,
+            /// Keys of a pgbouncer.ini that were read but not applied, with why (logged once; not a key).
+            #[arg(skip)]
+            #[serde(skip)]
+            pub ignored: Vec<String>,
             /// Subcommand (`demo`); not a config key.
             #[command(subcommand)]
             #[serde(skip)]
@@ -101,6 +105,7 @@ macro_rules! settings {
                 if self.cache_redis.is_none() { self.cache_redis = lower.cache_redis; }
                 if self.batch == Default::default() { self.batch = lower.batch; }
                 if self.batch_flag.is_none() { self.batch_flag = lower.batch_flag; }
+                self.ignored.extend(lower.ignored);
                 self
             }
         }
@@ -149,6 +154,28 @@ settings! {
     /// A server connection idle longer than this is checked for liveness before reuse.
     #[arg(long, env = "PGSURGE_SERVER_CHECK_DELAY")]
     server_check_delay: Dur,
+    /// TCP keepalive on server connections, so a vanished peer is noticed while idle: true | false (default true).
+    #[arg(long, env = "PGSURGE_SERVER_TCP_KEEPALIVE", num_args = 0..=1, default_missing_value = "true")]
+    server_tcp_keepalive: bool,
+    /// Idle time before the first keepalive probe (default 30s; whole seconds).
+    #[arg(long, env = "PGSURGE_SERVER_TCP_KEEPIDLE")]
+    server_tcp_keepidle: Dur,
+    /// Time between keepalive probes (default 10s; whole seconds).
+    #[arg(long, env = "PGSURGE_SERVER_TCP_KEEPINTVL")]
+    server_tcp_keepintvl: Dur,
+    /// Unanswered keepalive probes before a server connection is dropped (default 3).
+    #[arg(long, env = "PGSURGE_SERVER_TCP_KEEPCNT")]
+    server_tcp_keepcnt: u32,
+    /// Linux TCP_USER_TIMEOUT of server connections: data unacknowledged this long drops them (default 60s; 0: OS default).
+    #[arg(long, env = "PGSURGE_TCP_USER_TIMEOUT")]
+    tcp_user_timeout: Dur,
+    /// After query_timeout sends a cancel, how long the server has to end the statement before pgsurge closes
+    /// its connection and the client gets FATAL 57014 (default 1s).
+    #[arg(long, env = "PGSURGE_QUERY_CANCEL_TIMEOUT")]
+    query_cancel_timeout: Dur,
+    /// Which of several upstream hosts to use, as libpq: any | read-write | read-only | primary | standby | prefer-standby.
+    #[arg(long, env = "PGSURGE_TARGET_SESSION_ATTRS")]
+    target_session_attrs: String,
     /// A client that has not finished startup and login within this is closed.
     #[arg(long, env = "PGSURGE_CLIENT_LOGIN_TIMEOUT")]
     client_login_timeout: Dur,
@@ -239,6 +266,38 @@ settings! {
     /// Share of each pool's server connections slow statements may hold, in (0, 1] (at least one connection).
     #[arg(long, env = "PGSURGE_SLOW_POOL_SHARE")]
     slow_pool_share: f64,
+    /// Online restart (PgBouncer's `-R`): ask the running instance on the Unix socket to drain and stop, then take
+    /// its place.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    #[serde(skip)]
+    reboot: bool,
+    /// Directory of a Unix-domain socket `.s.PGSQL.<listen port>` clients may connect to as well ("" : none).
+    #[arg(long, env = "PGSURGE_UNIX_SOCKET_DIR")]
+    unix_socket_dir: String,
+    /// Also write the log to this file (appended), as PgBouncer's `logfile`.
+    #[arg(long, env = "PGSURGE_LOGFILE")]
+    logfile: PathBuf,
+    /// Write the process id to this file at start, remove it at exit.
+    #[arg(long, env = "PGSURGE_PIDFILE")]
+    pidfile: PathBuf,
+    /// Extra server connections a pool may open when a client has waited `reserve_pool_timeout` (0: none).
+    #[arg(long, env = "PGSURGE_RESERVE_POOL_SIZE")]
+    reserve_pool_size: usize,
+    /// How long a client waits before the reserve pool may serve it.
+    #[arg(long, env = "PGSURGE_RESERVE_POOL_TIMEOUT")]
+    reserve_pool_timeout: Dur,
+    /// Client connections each database may have at once (0: no cap; per database in [databases]).
+    #[arg(long, env = "PGSURGE_MAX_DB_CLIENT_CONNECTIONS")]
+    max_db_client_connections: usize,
+    /// Client connections each user may have at once (0: no cap; per user in [users]).
+    #[arg(long, env = "PGSURGE_MAX_USER_CLIENT_CONNECTIONS")]
+    max_user_client_connections: usize,
+    /// A client idle (outside a transaction) longer than this is closed (0: never).
+    #[arg(long, env = "PGSURGE_CLIENT_IDLE_TIMEOUT")]
+    client_idle_timeout: Dur,
+    /// After a failed server login, wait this long before trying that pool's server again.
+    #[arg(long, env = "PGSURGE_SERVER_LOGIN_RETRY")]
+    server_login_retry: Dur,
     /// Redis shared by every instance: global rate limits (and the shared cache tier with --cache-redis).
     /// redis://[user:password@]host:port[/db] or rediss:// (TLS).
     #[arg(long = "redis", env = "PGSURGE_REDIS_URL")]
@@ -279,14 +338,52 @@ pub struct DemoArgs {
 #[derive(Debug, Default, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DatabaseSettings {
+    /// One host, or several as libpq takes them: `"h1,h2"`.
     pub host: Option<String>,
-    pub port: Option<u16>,
+    /// One port (`5432`), or one per host (`"5432,5433"`).
+    pub port: Option<Ports>,
+    /// any | read-write | read-only | primary | standby | prefer-standby (default: the top-level key, else any).
+    pub target_session_attrs: Option<String>,
     pub dbname: Option<String>,
     /// Log in upstream as this user for every client (else each client logs in as itself).
     pub user: Option<String>,
     pub password: Option<String>,
     pub pool_size: Option<usize>,
     pub pool_mode: Option<String>,
+    pub min_pool_size: Option<usize>,
+    pub reserve_pool_size: Option<usize>,
+    /// Server connections all pools of this database may hold together.
+    pub max_db_connections: Option<usize>,
+    /// Client connections this database may have at once.
+    pub max_db_client_connections: Option<usize>,
+    /// SQL run on each new server connection of this database.
+    pub connect_query: Option<String>,
+    /// Startup parameters sent upstream (`client_encoding`, `datestyle`, `timezone`).
+    #[serde(default)]
+    pub startup: BTreeMap<String, String>,
+    /// auth_query for this database's clients: look secrets up as this user (in `auth_dbname`).
+    pub auth_user: Option<String>,
+    pub auth_dbname: Option<String>,
+    pub server_lifetime: Option<Dur>,
+}
+
+/// `port` of a `[databases.NAME]` section: a number, or a string of comma-separated numbers (one per host).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ports(pub Vec<u16>);
+
+impl<'de> Deserialize<'de> for Ports {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            One(u16),
+            List(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::One(p) => Ok(Ports(vec![p])),
+            Raw::List(s) => super::upstream::parse_ports(&s).map(Ports).map_err(serde::de::Error::custom),
+        }
+    }
 }
 
 /// `[users.NAME]`: a user clients may log in as.
@@ -298,4 +395,13 @@ pub struct UserSettings {
     /// scram-sha-256 | md5 | trust for this user.
     pub auth_type: Option<String>,
     pub pool_size: Option<usize>,
+    pub reserve_pool_size: Option<usize>,
+    pub pool_mode: Option<String>,
+    /// Server connections all pools of this user may hold together.
+    pub max_user_connections: Option<usize>,
+    /// Client connections this user may have at once.
+    pub max_user_client_connections: Option<usize>,
+    /// From a pgbouncer.ini `[users]` line: pool settings only; the user logs in as auth_file/auth_query say.
+    #[serde(skip)]
+    pub settings_only: bool,
 }

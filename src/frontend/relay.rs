@@ -208,10 +208,12 @@ impl Relay {
         Ok(())
     }
 
-    /// Gives the server connection back; a cancel being delivered to it finishes first.
+    /// Gives the server connection back; a cancel being delivered to it finishes first, unless it is being closed.
     pub async fn release(&mut self, state: ReleaseState) {
         if let Some(mut co) = self.server.take() {
-            if self.cancel.try_set(None).is_err() {
+            if state == ReleaseState::Broken {
+                self.cancel.clear_now(); // closed, never reused: no need to wait for a cancel a dead network holds
+            } else if self.cancel.try_set(None).is_err() {
                 self.cancel.set(None).await;
             }
             co.state = state;
@@ -227,6 +229,16 @@ impl Relay {
         *fill = None;
         pool.purge_dead_idle();
         Error::UpstreamLost(reason)
+    }
+
+    /// query_timeout's cancel went unanswered (a network that stopped answering, a server that ignores it): the
+    /// server connection is closed, its pool slot freed, and the client gets 57014 and is disconnected.
+    pub async fn abandon(&mut self, pool: &Pool, fill: &mut Option<Capture>) -> Error {
+        tracing::warn!(pool = %pool.key.database, "query_timeout: the server did not end the cancelled statement; closing its connection");
+        self.release(ReleaseState::Broken).await;
+        self.expect.clear();
+        *fill = None;
+        Error::Canceled("query_timeout; the server did not answer the cancel within query_cancel_timeout, so its connection was closed")
     }
 
     /// At session end: hand the server back clean, reset it, or (mid-query) cancel the query and close it.

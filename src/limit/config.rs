@@ -2,7 +2,7 @@
 //!
 //! Flat keys (flag, `PGSURGE_…` env var and top-level TOML key): `limit_qps_per_user`, `limit_qps_per_address`,
 //! `limit_burst`, `limit_max_delay`, `max_db_connections`, `max_user_connections`, `query_timeout`,
-//! `idle_transaction_timeout`, `fairness`. Everything else lives in the file's `[limits]` table; see README.md.
+//! `query_cancel_timeout`, `idle_transaction_timeout`, `fairness`. Everything else lives in the file's `[limits]` table; see README.md.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -144,6 +144,8 @@ pub struct LimitConfig {
     pub max_user_connections: usize,
     /// pgsurge cancels a statement running longer than this (zero: off).
     pub query_timeout: Duration,
+    /// After query_timeout's cancel, how long the server has to end the statement before its connection is closed.
+    pub query_cancel_timeout: Duration,
     /// A client idle inside a transaction longer than this is disconnected (zero: off).
     pub idle_transaction_timeout: Duration,
 }
@@ -163,6 +165,7 @@ impl Default for LimitConfig {
             max_db_connections: 0,
             max_user_connections: 0,
             query_timeout: Duration::ZERO,
+            query_cancel_timeout: Duration::from_secs(1),
             idle_transaction_timeout: Duration::ZERO,
         }
     }
@@ -242,6 +245,10 @@ impl LimitConfig {
             max_db_connections: s.max_db_connections.unwrap_or(0),
             max_user_connections: s.max_user_connections.unwrap_or(0),
             query_timeout: s.query_timeout.map(|d| d.0).unwrap_or(Duration::ZERO),
+            query_cancel_timeout: match s.query_cancel_timeout.map(|d| d.0) {
+                Some(d) if d.is_zero() => return Err(bad("query_cancel_timeout must be more than 0".into())),
+                d => d.unwrap_or(Duration::from_secs(1)),
+            },
             idle_transaction_timeout: s.idle_transaction_timeout.map(|d| d.0).unwrap_or(Duration::ZERO),
         })
     }

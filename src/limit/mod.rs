@@ -148,8 +148,9 @@ impl Rules {
             Some(r) => (scope, key.clone(), r, key.to_string()),
             None => (scope, key.clone(), default, String::new()),
         };
-        v.push(pick(Scope::User, &who.user, c.users.get(&*who.user), &c.per_user));
+        // The database's caps are checked before the user's (a client over both is told about the database's).
         v.push(pick(Scope::Database, &who.db, c.databases.get(&*who.db), &c.per_database));
+        v.push(pick(Scope::User, &who.user, c.users.get(&*who.user), &c.per_user));
         match c.group_of(who.ip) {
             Some(i) => {
                 let g = group_key(&c.groups[i].0);
@@ -337,8 +338,13 @@ impl Limiter {
                         leased.into_iter().for_each(|k| leases.release(k));
                     }
                     return Err(Error::TooManyConnections(format!(
-                        "too many connections for {} \"{key}\" (max_connections = {max})",
-                        scope.name()
+                        "too many connections for {} \"{key}\" (max_connections = {max}{})",
+                        scope.name(),
+                        match scope {
+                            Scope::Database => ", PgBouncer's max_db_client_connections",
+                            Scope::User => ", PgBouncer's max_user_client_connections",
+                            _ => "",
+                        }
                     )));
                 }
             }

@@ -1,5 +1,7 @@
 //! The session's one timer for `query_timeout` and `idle_transaction_timeout`: armed only while one applies,
 //! allocated once per session (and only when a timeout is configured), reset only when its deadline changes.
+//! After a query_timeout cancel it stays armed for `query_cancel_timeout`: a server that does not answer the
+//! cancel (a network that stopped answering) must not hold the client past that.
 
 use std::pin::Pin;
 use std::time::Duration;
@@ -14,29 +16,34 @@ pub enum Fired {
     Query,
     /// The client sat idle inside a transaction longer than `idle_transaction_timeout`.
     IdleInTransaction,
+    /// The request was cancelled for query_timeout and its answer has not come within `query_cancel_timeout`:
+    /// give up on the server connection.
+    CancelUnanswered,
 }
 
 pub struct SessionTimers {
     query: Duration,
+    cancel_grace: Duration,
     idle_tx: Duration,
     sleep: Option<Pin<Box<Sleep>>>,
     armed: Option<(Fired, Instant)>,
     busy_since: Option<Instant>,
     idle_since: Option<Instant>,
-    /// The running request was already cancelled: do not fire again for it.
-    cancelled: bool,
+    /// When the running request was cancelled (it is not cancelled again; the grace runs from then).
+    cancelled: Option<Instant>,
 }
 
 impl SessionTimers {
     pub fn new(cfg: &LimitConfig) -> SessionTimers {
         SessionTimers {
             query: cfg.query_timeout,
+            cancel_grace: cfg.query_cancel_timeout,
             idle_tx: cfg.idle_transaction_timeout,
             sleep: None,
             armed: None,
             busy_since: None,
             idle_since: None,
-            cancelled: false,
+            cancelled: None,
         }
     }
 
@@ -55,7 +62,7 @@ impl SessionTimers {
             self.busy_since.get_or_insert_with(now);
         } else {
             self.busy_since = None;
-            self.cancelled = false;
+            self.cancelled = None;
         }
         if idle_in_tx {
             self.idle_since.get_or_insert_with(now);
@@ -63,7 +70,8 @@ impl SessionTimers {
             self.idle_since = None;
         }
         let want = match (self.busy_since, self.idle_since) {
-            (Some(t), _) if !self.query.is_zero() && !self.cancelled => Some((Fired::Query, t + self.query)),
+            (Some(_), _) if self.cancelled.is_some() => self.cancelled.map(|c| (Fired::CancelUnanswered, c + self.cancel_grace)),
+            (Some(t), _) if !self.query.is_zero() => Some((Fired::Query, t + self.query)),
             (_, Some(t)) if !self.idle_tx.is_zero() => Some((Fired::IdleInTransaction, t + self.idle_tx)),
             _ => None,
         };
@@ -78,6 +86,19 @@ impl SessionTimers {
         }
     }
 
+    /// The server sent something: after a cancel, it is alive and answering, so its grace starts again (a
+    /// pipelined request after the cancelled one is not cut off while the server works through it).
+    pub fn heard(&mut self) {
+        if self.cancelled.is_some() {
+            self.cancelled = Some(Instant::now());
+        }
+    }
+
+    /// How long a query_timeout cancel, and the answer to it, may take.
+    pub fn cancel_grace(&self) -> Duration {
+        self.cancel_grace
+    }
+
     pub fn is_armed(&self) -> bool {
         self.armed.is_some()
     }
@@ -89,7 +110,7 @@ impl SessionTimers {
                 s.as_mut().await;
                 self.armed = None;
                 if kind == Fired::Query {
-                    self.cancelled = true;
+                    self.cancelled = Some(Instant::now());
                 }
                 kind
             }
@@ -111,12 +132,30 @@ mod tests {
         assert!(!t.is_armed());
         t.update(true, false);
         assert_eq!(t.fired().await, Fired::Query);
+        let cancelled = Instant::now();
         t.update(true, false);
-        assert!(!t.is_armed(), "a cancelled request is not cancelled twice");
+        assert_eq!(t.fired().await, Fired::CancelUnanswered, "a cancelled request is not cancelled twice");
+        assert_eq!(cancelled.elapsed(), Duration::from_secs(1), "query_cancel_timeout's default");
+        t.update(true, false);
+        t.update(false, false);
+        t.update(true, false);
+        assert_eq!(t.fired().await, Fired::Query, "the next request has its own query_timeout");
+        t.update(false, false);
         t.update(false, true);
         let start = Instant::now();
         assert_eq!(t.fired().await, Fired::IdleInTransaction);
         assert_eq!(start.elapsed(), Duration::from_secs(5));
+
+        // After a cancel, a server that keeps answering is given its grace again from what it last sent.
+        t.update(false, false);
+        t.update(true, false);
+        assert_eq!(t.fired().await, Fired::Query);
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        t.heard();
+        let heard = Instant::now();
+        t.update(true, false);
+        assert_eq!(t.fired().await, Fired::CancelUnanswered);
+        assert_eq!(heard.elapsed(), Duration::from_secs(1));
 
         let mut off = SessionTimers::new(&LimitConfig::default());
         off.update(true, true);

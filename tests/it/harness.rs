@@ -139,6 +139,47 @@ impl Pg {
         run_ok(c, "pg_ctl stop");
     }
 
+    /// A streaming standby of this cluster (`pg_basebackup -R`), started on a port of its own; stopped and removed
+    /// with the test process like the primary.
+    pub fn start_standby(&self) -> Pg {
+        let (bin, dir) = (self.bin.as_ref().unwrap(), self.dir.as_ref().unwrap());
+        let port = free_port();
+        let sdir = std::env::temp_dir().join(format!("pgsurge-test-{}-{port}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&sdir);
+        std::fs::create_dir_all(&sdir).unwrap();
+        if is_root() {
+            let mut chown = Command::new("chown");
+            chown.arg("postgres:postgres").arg(&sdir);
+            run_ok(chown, "chown");
+        }
+        let mut backup = pg_cmd(bin, "pg_basebackup");
+        backup.arg("-h").arg(dir).args(["-p", &self.port.to_string(), "-U", "postgres", "-D"]).arg(sdir.join("data"));
+        backup.args(["-R", "-X", "stream", "--no-sync", "-c", "fast"]);
+        run_ok(backup, "pg_basebackup");
+        let conf_path = sdir.join("data/postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf_path).unwrap();
+        text.push_str(&format!("\nport = {port}\nunix_socket_directories = '{}'\n", sdir.display()));
+        std::fs::write(&conf_path, text).unwrap();
+        let standby = Pg {
+            port,
+            dir: Some(sdir.clone()),
+            bin: Some(bin.clone()),
+            app_url: format!("postgres://app:app@127.0.0.1:{port}/app"),
+            super_url: format!("host={} port={port} user=postgres dbname=postgres", sdir.display()),
+        };
+        standby.pg_ctl_start();
+        watchdog(bin, &sdir);
+        standby
+    }
+
+    /// Runs `pg_ctl -D <data> <args>` (e.g. `-m immediate stop`, `-w promote`).
+    pub fn pg_ctl(&self, args: &[&str]) {
+        let (bin, dir) = (self.bin.as_ref().unwrap(), self.dir.as_ref().unwrap());
+        let mut c = pg_cmd(bin, "pg_ctl");
+        c.args(["-D"]).arg(dir.join("data")).args(args);
+        run_ok(c, &format!("pg_ctl {}", args.join(" ")));
+    }
+
     /// Runs SQL as the superuser through psql (setup only).
     pub fn psql_super(&self, db: &str, sql: &str) -> String {
         let conn = match &self.dir {

@@ -4,11 +4,15 @@ mod harness;
 
 mod auth;
 mod batch;
+mod blackhole;
 mod cache;
 mod demo;
 mod drivers;
+mod failover;
+mod hostile;
 mod invalidation;
 mod limits;
+mod openfiles;
 mod ops;
 mod pooling;
 mod process;
