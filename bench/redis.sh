@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# bench/redis.sh — Redis shared by instances (issue 18). Two measurements, printed as lines to paste into
+# bench/redis.sh — Redis shared by instances (issue 18). Three measurements, printed as lines to paste into
 # bench/RESULTS.md (section "redis"):
+#   limiter  20,000 tokens taken one after another in-process, from a local limiter and from a global one on a
+#            redis-server on loopback: p50/p99/p99.9 per token (the global p99 is what the limiter adds to a request)
 #   latency  one pgbench client (-S, prepared) through pgsurge with a rate limit far above what it sends, the limit
 #            local and then global through a redis-server on loopback (alternated ROUNDS times): per-transaction
 #            p50/p99 from pgbench's logs; the global p99 minus the local p99 is what the limiter's round trip adds.
@@ -20,6 +22,12 @@ ROUNDS=${ROUNDS:-3}
 CLIENTS=${CLIENTS:-4}
 KEYS=${KEYS:-1000}
 REDIS=$(command -v redis-server) || die "no redis-server (apt-get install redis-server)"
+
+log "limiter: 20,000 tokens in a row, local and through Redis (tests/it/redis.rs limiter_round_trip)"
+for ((r = 1; r <= ROUNDS; r++)); do
+  (cd "$MAIN" && cargo test --quiet --test it -- --ignored --exact redis::limiter_round_trip --nocapture 2>/dev/null) |
+    sed -n "s/^ROUNDTRIP /limiter round=$r /p"
+done
 
 pgsurge_build
 pg_start "shared_preload_libraries = 'pg_stat_statements'"

@@ -2,7 +2,7 @@
 //! one multiplexed connection (the redis crate's `ConnectionManager`), every call bounded by `redis_timeout`, and a
 //! breaker so that a Redis that is down costs a request nothing: callers fall back to what they do alone.
 //!
-//! Up/down: a call that fails on the connection, or `FAILURES_TO_TRIP` calls in a row that time out, mark Redis
+//! Up/down: a call that fails on the connection, or one that times out when none succeeded for `SILENCE_TO_TRIP`, mark Redis
 //! down (logged once); while down no request calls it, and `run` probes it every `PROBE_EVERY` until it answers
 //! (logged once). `run` also keeps this instance's heartbeat, from which every instance learns how many share the
 //! Redis (`instances`), so a fallback can take its share of a global rate.
@@ -16,8 +16,10 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, RedisResult, Script};
 
-/// Timed-out calls in a row that mark Redis down (one slow answer is not an outage).
-const FAILURES_TO_TRIP: u32 = 3;
+/// A call that times out marks Redis down only if no call succeeded for this long (a slow answer now and then, on a
+/// busy machine, is not an outage: tripping on it would hand decisions to the local share, which with the other
+/// instances still on the global bucket admits more than the rate).
+const SILENCE_TO_TRIP: Duration = Duration::from_millis(250);
 /// How often a Redis that is down is probed, and how long a probe may take.
 const PROBE_EVERY: Duration = Duration::from_millis(100);
 const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
@@ -82,7 +84,9 @@ pub struct Redis {
     client: redis::Client,
     conn: OnceLock<ConnectionManager>,
     up: AtomicBool,
-    failures: AtomicU32,
+    /// When a call last succeeded, in ms since `base`.
+    last_ok: AtomicU64,
+    base: tokio::time::Instant,
     /// Instances beating on this Redis (0 until known).
     instances: AtomicU32,
     /// This instance's name in the heartbeat set.
@@ -112,7 +116,8 @@ impl Redis {
             client,
             conn: OnceLock::new(),
             up: AtomicBool::new(false),
-            failures: AtomicU32::new(0),
+            last_ok: AtomicU64::new(0),
+            base: tokio::time::Instant::now(),
             instances: AtomicU32::new(0),
             id,
             stats: RedisStats::default(),
@@ -169,7 +174,7 @@ impl Redis {
         let r = tokio::time::timeout(timeout, call(conn)).await;
         match r {
             Ok(Ok(v)) => {
-                self.failures.store(0, Ordering::Relaxed);
+                self.last_ok.store(self.base.elapsed().as_millis() as u64, Ordering::Relaxed);
                 Some(v)
             }
             Ok(Err(e)) => {
@@ -184,8 +189,9 @@ impl Redis {
             }
             Err(_) => {
                 self.stats.timeouts.fetch_add(1, Ordering::Relaxed);
-                if self.failures.fetch_add(1, Ordering::Relaxed) + 1 >= FAILURES_TO_TRIP {
-                    self.down(&format!("{FAILURES_TO_TRIP} calls in a row took over {:?}", timeout));
+                let silent = self.base.elapsed().as_millis() as u64 - self.last_ok.load(Ordering::Relaxed);
+                if silent >= SILENCE_TO_TRIP.as_millis() as u64 {
+                    self.down(&format!("no answer within {timeout:?} for {silent} ms"));
                 }
                 self.fell_back();
                 None
@@ -261,7 +267,7 @@ impl Redis {
                         self.instances.store(n, Ordering::Relaxed);
                         // Before answering again, what could not be written while it was away is settled.
                         if !self.is_up() && self.settle(&conn).await {
-                            self.failures.store(0, Ordering::Relaxed);
+                            self.last_ok.store(self.base.elapsed().as_millis() as u64, Ordering::Relaxed);
                             self.up.store(true, Ordering::Release);
                             tracing::info!(redis = %redact(&self.config.url), instances = n, "Redis is up: rate limits are global");
                             logged_first = true;

@@ -22,7 +22,7 @@ pub struct Capture {
     buf: BytesMut,
     ok: bool,
     /// Also written to the shared tier in Redis when complete.
-    shared: Option<SharedFill>,
+    shared: Option<Box<SharedFill>>,
 }
 
 impl Drop for Capture {
@@ -40,7 +40,7 @@ impl Capture {
 
     /// The fill goes to the shared tier too.
     pub fn shared(mut self, fill: Option<SharedFill>) -> Capture {
-        self.shared = fill;
+        self.shared = fill.map(Box::new);
         self
     }
 

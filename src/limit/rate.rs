@@ -63,11 +63,6 @@ impl KeyedRate {
         Arc::new(KeyedRate::build(rate, Some(GlobalRate::new(redis, name, rate))))
     }
 
-    /// Whether this rate is shared through Redis.
-    pub fn is_global(&self) -> bool {
-        self.global.is_some()
-    }
-
     /// Takes one token for `key` now, or says how long until one is free.
     pub fn check(&self, key: &Key) -> Result<(), Duration> {
         self.limiter.check_key(key).map_err(|nu| nu.wait_time_from(self.clock.now()))
@@ -79,7 +74,15 @@ impl KeyedRate {
         match &self.global {
             None => self.take_local(key, deadline).await,
             Some(g) => match g.take(key, deadline).await {
-                Some(r) => r,
+                Some(r) => {
+                    // Tokens Redis grants are spent locally too (never refused), so the local share is as used as
+                    // this instance's traffic: a call that times out is then decided against what is left of it,
+                    // not against a share refilled while Redis answered.
+                    if r.is_ok() {
+                        let _ = g.fallback().check(key);
+                    }
+                    r
+                }
                 None => g.fallback().take_local(key, deadline).await,
             },
         }

@@ -14,12 +14,17 @@ use crate::harness::{code, connect, eventually, pg, try_connect, unique, Proxy};
 struct RedisServer {
     port: u16,
     child: Option<Child>,
+    extra: Vec<String>,
 }
 
 impl RedisServer {
     fn start() -> RedisServer {
+        Self::start_with(&[])
+    }
+
+    fn start_with(extra: &[&str]) -> RedisServer {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut r = RedisServer { port, child: None };
+        let mut r = RedisServer { port, child: None, extra: extra.iter().map(|s| s.to_string()).collect() };
         r.up();
         r
     }
@@ -28,6 +33,7 @@ impl RedisServer {
     fn up(&mut self) {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -69,8 +75,10 @@ fn limited(redis: &RedisServer, qps: u32, burst: u32) -> Settings {
     }
 }
 
-/// Starts `n` instances on one Redis and waits until each sees all of them.
-async fn fleet(n: usize, settings: Settings) -> Vec<Proxy> {
+/// Starts `n` instances on one Redis and waits until each sees all of them. Redis calls may take 250 ms here (not
+/// the default 5 ms): tests run in parallel on a busy machine, and a call that times out is decided locally.
+async fn fleet(n: usize, mut settings: Settings) -> Vec<Proxy> {
+    settings.redis_timeout = Some(Dur(Duration::from_millis(250)));
     let mut v = vec![];
     for _ in 0..n {
         v.push(Proxy::start(settings.clone()).await);
@@ -184,6 +192,24 @@ async fn with_redis_down_each_instance_takes_its_share_and_the_global_rate_retur
     assert!(ok <= most && refused > 0, "{ok} of 10 admitted once Redis was back (at most {most})");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_come_from_the_url_and_a_redis_that_refuses_them_refuses_no_client() {
+    let redis = RedisServer::start_with(&["--requirepass", "s3cret"]);
+    let url = format!("redis://:s3cret@127.0.0.1:{}", redis.port);
+    let ok = fleet(1, Settings { redis_url: Some(url), ..limited(&redis, 1000, 10) }).await;
+    ok[0].client().await.simple_query("SELECT 1").await.expect("admitted through Redis");
+
+    let wrong =
+        Proxy::start(Settings { redis_url: Some(format!("redis://:nope@127.0.0.1:{}", redis.port)), ..limited(&redis, 1000, 10) }).await;
+    let c = wrong.client().await;
+    for _ in 0..5 {
+        c.simple_query("SELECT 1").await.expect("a Redis that refuses us is a Redis that is down: local limits");
+    }
+    let r = wrong.app.redis.clone().unwrap();
+    assert!(!r.is_up() && r.stats.fallbacks.load(Ordering::Relaxed) >= 5);
+    assert!(!pgsurge::admin::metrics::render(&wrong.app).contains("s3cret"));
+}
+
 /// Executions Postgres recorded of statements mentioning `table`.
 async fn upstream_calls(table: &str) -> i64 {
     let s = pg().super_client("app").await;
@@ -247,7 +273,7 @@ async fn instances_sharing_a_cache_tier_run_each_read_once_and_writes_void_it_ev
     assert_eq!(read(&clients[1], &t).await, ("new".into(), "new".into()), "read your writes");
     let writer = tier(&proxies[1]);
     assert!(eventually(Duration::from_secs(5), || async { writer.pending() == 0 }).await, "the invalidation reached Redis");
-    let late = Proxy::start(s.clone()).await;
+    let late = Proxy::start(Settings { redis_timeout: Some(Dur(Duration::from_millis(250))), ..s.clone() }).await;
     let lr = late.app.redis.clone().unwrap();
     assert!(eventually(Duration::from_secs(10), || async { lr.is_up() }).await);
     assert_eq!(read(&late.client().await, &t).await, ("new".into(), "new".into()), "the old entry was void in Redis");
@@ -258,4 +284,34 @@ async fn instances_sharing_a_cache_tier_run_each_read_once_and_writes_void_it_ev
     for _ in 0..3 {
         assert_eq!(read(&c, &t).await, ("new".into(), "new".into()));
     }
+}
+
+/// The limiter's cost per token, local and through Redis on loopback (p50/p99 of 20,000 sequential tokens):
+/// `bench/redis.sh` runs it. Not an assertion: a measurement. On one current-thread runtime, as pgsurge runs on up to 2
+/// cores (`workers`).
+#[tokio::test(flavor = "current_thread")]
+#[ignore = "a measurement (bench/redis.sh)"]
+async fn limiter_round_trip() {
+    use pgsurge::limit::{Key, KeyedRate, Rate};
+    let redis = RedisServer::start();
+    let cfg = pgsurge::redis::RedisConfig::build(&redis.url(), Some(Duration::from_millis(100)), None).unwrap();
+    let r = pgsurge::redis::Redis::new(cfg).unwrap();
+    tokio::spawn(r.clone().run());
+    assert!(eventually(Duration::from_secs(10), || async { r.is_up() }).await);
+    let rate = Rate { per_second: 1_000_000, burst: 1_000_000 };
+    let key: Key = "app".into();
+    for (name, limiter) in [("local", KeyedRate::new(rate)), ("global", KeyedRate::global(rate, r.clone(), "bench"))] {
+        let mut us = vec![];
+        for i in 0..21_000 {
+            let t = tokio::time::Instant::now();
+            limiter.take(&key, t).await.unwrap();
+            if i >= 1_000 {
+                us.push(t.elapsed().as_secs_f64() * 1e6);
+            }
+        }
+        us.sort_by(f64::total_cmp);
+        let at = |q: f64| us[((us.len() as f64 * q) as usize).min(us.len() - 1)];
+        println!("ROUNDTRIP limit={name} tokens={} p50_us={:.1} p99_us={:.1} p999_us={:.1}", us.len(), at(0.5), at(0.99), at(0.999));
+    }
+    println!("ROUNDTRIP redis_fallbacks={}", r.stats.fallbacks.load(Ordering::Relaxed));
 }
