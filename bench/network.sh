@@ -11,7 +11,7 @@ trap 'rm -f "$raw"' EXIT
 cargo test --quiet --test it --no-run >/dev/null 2>&1
 for i in $(seq 1 "$ROUNDS"); do
   PGSURGE_LOG=error cargo test --quiet --test it -- blackhole failover --nocapture --test-threads 1 2>&1 \
-    | sed 's/\x1b\[[0-9;]*m//g' | grep -E '^(blackhole|failover):' | sed "s/^/$i /" >>"$raw" || true
+    | sed 's/\x1b\[[0-9;]*m//g' | grep -oE '(blackhole|failover): .*' | sed "s/^/$i /" >>"$raw" || true
 done
 acceptance=$(../shared/acceptance/11-failover 2>&1 | tail -n 1 || true)
 python3 - "$raw" "$ROUNDS" "$acceptance" "$(git rev-parse --short=12 HEAD)" <<'PY'

@@ -455,14 +455,15 @@ impl Session {
             self.fail(input, req, e).await?;
             return Ok(Done::Answered);
         }
-        let parts = &self.parts;
-        let led = match self.relay.settle(&mut self.state).await {
-            Ok(()) => {
-                let conn = self.relay.server.as_mut().expect("acquired").conn();
-                batching::lead(conn, &parts.registry, &parts.batcher, &guard, rx, &r.statement, facts).await
-            }
-            Err(e) => Err(e),
+        let (parts, relay, state, bound) = (&self.parts, &mut self.relay, &mut self.state, self.timers.bound());
+        let run = async {
+            relay.settle(state).await?;
+            let conn = relay.server.as_mut().expect("acquired").conn();
+            batching::lead(conn, &parts.registry, &parts.batcher, &guard, rx, &r.statement, facts).await
         };
+        // Bounded as a request is (query_timeout + query_cancel_timeout): a dead network must not hold the batch.
+        let led =
+            tokio::time::timeout(bound, run).await.unwrap_or_else(|_| Err(Error::UpstreamLost("no answer within query_timeout".into())));
         drop(guard);
         match led {
             Ok(Some((fetched, k))) => {

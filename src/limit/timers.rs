@@ -149,6 +149,16 @@ impl SessionTimers {
         }
     }
 
+    /// The longest a request may wait for its server where this timer cannot watch (a batch the session runs
+    /// itself): query_timeout + query_cancel_timeout; unbounded (TCP's own timeouts) without query_timeout.
+    pub fn bound(&self) -> Duration {
+        if self.query.is_zero() {
+            Duration::MAX
+        } else {
+            self.query.saturating_add(self.cancel_grace)
+        }
+    }
+
     /// How long a query_timeout cancel, and the answer to it, may take.
     pub fn cancel_grace(&self) -> Duration {
         self.cancel_grace
