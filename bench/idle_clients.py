@@ -172,10 +172,13 @@ async def main(a):
     while fds(a.pid) > out["fds_before"] + 5 and time.monotonic() < deadline:
         await asyncio.sleep(0.2)
     out["rss_after_close"], out["fds_after_close"] = await settle(a.pid, a.settle)
+    # Allocators give memory back after a delay (jemalloc's decay is 10 s): once more, later.
+    out["rss_after_close_late"], _ = await settle(a.pid, a.late)
     n = max(out["connected"], 1)
     out["kib_per_idle_client"] = round((out["rss_idle"] - out["rss_before"]) / n, 3)
     out["kib_per_client_after_query"] = round((out["rss_after_query"] - out["rss_before"]) / n, 3)
     out["after_close_vs_before"] = round(out["rss_after_close"] / max(out["rss_before"], 1), 3)
+    out["late_vs_before"] = round(out["rss_after_close_late"] / max(out["rss_before"], 1), 3)
     return out
 
 
@@ -187,6 +190,7 @@ if __name__ == "__main__":
     p.add_argument("--clients", type=int, default=10000)
     p.add_argument("--concurrency", type=int, default=200, help="logins in flight at once")
     p.add_argument("--settle", type=float, default=3.0, help="seconds to wait before each measurement")
+    p.add_argument("--late", type=float, default=15.0, help="seconds after that for the last measurement")
     p.add_argument("--user", default="app")
     p.add_argument("--password", default="app")
     p.add_argument("--db", default="app")
