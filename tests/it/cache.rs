@@ -220,7 +220,10 @@ async fn results_over_max_entry_bytes_are_not_stored() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_concurrent_identical_misses_make_one_upstream_query() {
-    let proxy = Proxy::start(Settings { pool_size: Some(10), ..cached(Default::default()) }).await;
+    // A TTL far longer than the query: on a loaded machine a client whose request is scheduled after the fill
+    // must still find the entry (what is checked here is the single flight, not expiry).
+    let ttl = pgsurge::config::Dur(std::time::Duration::from_secs(60));
+    let proxy = Proxy::start(Settings { pool_size: Some(10), cache_ttl: Some(ttl), ..cached(Default::default()) }).await;
     let c = proxy.client().await;
     let t = unique("flight");
     c.batch_execute(&format!("CREATE TABLE {t}(x int); INSERT INTO {t} SELECT g FROM generate_series(1, 200) g")).await.unwrap();
