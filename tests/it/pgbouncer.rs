@@ -34,13 +34,13 @@ impl Bouncer {
         let text = format!(
             "[databases]\n{databases}\n[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir = {dir}\n\
              auth_type = scram-sha-256\nauth_file = {dir}/userlist.txt\npool_mode = transaction\ndefault_pool_size = 4\n\
-             logfile = {dir}/pgbouncer.log\ntcp_keepalive = 1\n{extra}\n",
+             logfile = {dir}/pgbouncer.log\ntcp_defer_accept = 1\n{extra}\n",
             dir = dir.display()
         );
         std::fs::write(&ini, text).unwrap();
         let settings = Settings { config: Some(ini.clone()), ..Default::default() };
         let config = Config::load(settings.clone()).expect("the ini starts pgsurge");
-        assert!(config.ignored.iter().any(|n| n.starts_with("tcp_keepalive")), "an unimplemented key is named: {:?}", config.ignored);
+        assert!(config.ignored.iter().any(|n| n.starts_with("tcp_defer_accept")), "an unimplemented key is named: {:?}", config.ignored);
         let path = config.unix_socket_path().expect("a unix socket");
         let unix = pgsurge::frontend::unix::bind(&path).unwrap();
         let app = App::new(config);
