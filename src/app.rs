@@ -66,13 +66,19 @@ pub struct App {
     pub cache: Option<Arc<crate::cache::Cache>>,
     /// The N+1 batcher and detector (src/batch); merging is switched by `config.batch.enabled`.
     pub batch: Arc<crate::batch::Batcher>,
+    /// Redis shared with the other instances (`redis_url`): global rates, the shared cache tier.
+    pub redis: Option<Arc<crate::redis::Redis>>,
 }
 
 impl App {
     pub fn new(config: Config) -> Arc<App> {
-        let limits = crate::limit::Limiter::new(&config.limits);
-        let cache = config.cache.enabled.then(|| Arc::new(crate::cache::Cache::new(config.cache.clone())));
+        let redis = config.redis.clone().and_then(|r| {
+            crate::redis::Redis::new(r).map_err(|e| tracing::error!(error = %e, "Redis not used: limits and cache stay local")).ok()
+        });
+        let limits = crate::limit::Limiter::shared(&config.limits, redis.clone());
+        let cache = config.cache.enabled.then(|| Arc::new(crate::cache::Cache::with_redis(config.cache.clone(), redis.clone())));
         Arc::new(App {
+            redis,
             cache,
             batch: Default::default(),
             limits,
@@ -123,7 +129,9 @@ impl App {
 
     /// The pool for a client of `db` logged in as `user`, created on first use.
     pub fn pool(&self, db: &Database, user: &User) -> Result<Arc<Pool>> {
-        let key = PoolKey { database: db.name.clone(), user: user.name.clone() };
+        // A database with a forced user has one pool, whoever the client is (as in PgBouncer).
+        let key_user = db.user.as_ref().map(|(u, _)| u.clone()).unwrap_or_else(|| user.name.clone());
+        let key = PoolKey { database: db.name.clone(), user: key_user };
         if let Some(p) = self.pools.lock().get(&key) {
             return Ok(p.clone());
         }
@@ -147,7 +155,7 @@ impl App {
             tcp: cfg.server_tcp,
         };
         let id = self.pool_ids.fetch_add(1, Ordering::Relaxed) + 1;
-        let pool = Pool::new(id, key.clone(), target, pool_settings(&cfg, db, user));
+        let pool = Pool::new(id, key.clone(), target, pool_settings(&cfg, db, user), self.ops.clients.ids.clone());
         crate::admin::init_pool(self, &pool);
         pool.set_budgets(self.limits.budgets_for(&db.name, &user.name));
         let pool = self.pools.lock().entry(key).or_insert(pool).clone();
@@ -184,8 +192,18 @@ impl App {
     }
 
     /// Looks up the configured database a client asked for.
+    /// A name not configured falls back to the `*` entry (PgBouncer's auto-database), with its own name as dbname.
     pub fn database(&self, name: &str) -> Result<Database> {
-        self.config.load().databases.get(name).cloned().ok_or_else(|| Error::NoSuchDatabase(name.to_string()))
+        let cfg = self.config.load();
+        if let Some(d) = cfg.databases.get(name) {
+            return Ok(d.clone());
+        }
+        let mut d = cfg.databases.get("*").cloned().ok_or_else(|| Error::NoSuchDatabase(name.to_string()))?;
+        if d.dbname == "*" {
+            d.dbname = name.to_string();
+        }
+        d.name = name.to_string();
+        Ok(d)
     }
 
     pub fn pool_mode(&self, db: &Database) -> PoolMode {
@@ -218,15 +236,19 @@ fn credential_of(s: &Secret) -> UpstreamCredential {
 }
 
 pub fn pool_settings(cfg: &Config, db: &Database, user: &User) -> PoolSettings {
+    // A forced user's pool is the database's: the client user's own pool_size does not apply.
+    let size = if db.user.is_some() { db.pool_size } else { user.pool_size.unwrap_or(db.pool_size) };
     PoolSettings {
-        size: user.pool_size.unwrap_or(db.pool_size),
-        min_size: cfg.min_pool_size.min(user.pool_size.unwrap_or(db.pool_size)),
+        size,
+        min_size: db.min_pool_size.unwrap_or(cfg.min_pool_size).min(size),
         connect_timeout: cfg.server_connect_timeout,
-        lifetime: cfg.server_lifetime,
+        lifetime: db.server_lifetime.unwrap_or(cfg.server_lifetime),
         idle_timeout: cfg.server_idle_timeout,
         check_delay: cfg.server_check_delay,
         slow_threshold: cfg.slow_query_threshold,
         slow_share: cfg.slow_pool_share,
+        reserve_size: db.reserve_pool_size.unwrap_or(cfg.reserve_pool_size),
+        reserve_timeout: cfg.reserve_pool_timeout,
         tcp: cfg.server_tcp,
     }
 }
@@ -240,9 +262,27 @@ impl App {
         let mut notes = unapplied.notes;
         self.limits.reload(&new.limits);
         for pool in self.pools() {
-            let (Some(db), Some(user)) = (new.databases.get(&pool.key.database), new.users.get(&pool.key.user)) else { continue };
+            let Some(db) = new.databases.get(&pool.key.database) else { continue };
+            // A pool of a user found by auth_query (not in the config) keeps its own settings but takes the new sizes.
+            let found;
+            let user = match new.users.get(&pool.key.user) {
+                Some(u) => u,
+                None => {
+                    found = User {
+                        name: pool.key.user.clone(),
+                        secret: crate::auth::secret::Secret::None,
+                        auth: new.auth_type,
+                        pool_size: None,
+                    };
+                    &found
+                }
+            };
             if unapplied.moved.contains(&db.name) {
-                notes.push(format!("databases.{}: the upstream changed; its open pool keeps the old one until a restart", db.name));
+                // New clients get a pool at the new upstream; the old pool serves its clients until they leave.
+                self.pools.lock().remove(&pool.key);
+                pool.reconnect();
+                notes.push(format!("databases.{}: the upstream changed; new clients go to the new one", db.name));
+                continue;
             }
             pool.update_settings(pool_settings(&new, db, user));
             pool.set_budgets(self.limits.budgets_for(&db.name, &user.name));

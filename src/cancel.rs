@@ -129,6 +129,11 @@ impl CancelSlot {
         self.waker.wake();
     }
 
+    /// Whether `stop` has been called.
+    pub fn is_stopped(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
     /// Resolves once `stop` has been called.
     pub fn stopped(&self) -> Flag<'_> {
         Flag(&self.stop, &self.waker)

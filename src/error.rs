@@ -42,7 +42,7 @@ pub enum Error {
     RateLimited { message: String, retry_after: Duration },
     #[error("canceling statement due to {0}")]
     Canceled(&'static str),
-    #[error("terminating connection due to idle-in-transaction timeout")]
+    #[error("terminating connection due to idle transaction timeout (idle_transaction_timeout)")]
     IdleInTransactionTimeout,
     #[error("permission denied: {0}")]
     InsufficientPrivilege(String),
@@ -54,6 +54,9 @@ pub enum Error {
     /// A reload refused: the running configuration stays.
     #[error("{0}")]
     Config(String),
+    /// `DISABLE db` on the console: new clients of that database are refused until `ENABLE db`.
+    #[error("database \"{0}\" is disabled")]
+    DatabaseDisabled(String),
     #[error("client connection: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -85,6 +88,7 @@ impl Error {
             Error::NotSupported(_) => "0A000",
             Error::Syntax(_) => "42601",
             Error::Config(_) => "F0000",
+            Error::DatabaseDisabled(_) => "57P03",
             Error::Io(_) => "08006",
         }
     }

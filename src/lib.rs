@@ -18,7 +18,9 @@ pub mod limit;
 pub mod net;
 pub mod process;
 pub mod protocol;
+pub mod redis;
 pub mod sql;
+pub mod standin;
 pub mod state;
 pub mod tls;
 
@@ -39,12 +41,32 @@ pub async fn run(app: Arc<App>, listener: TcpListener) -> std::io::Result<()> {
 
 /// `run`, plus the admin HTTP endpoint (/metrics, /healthz, /readyz) on `admin` while pgsurge runs.
 pub async fn serve(app: Arc<App>, listener: TcpListener, admin: Option<TcpListener>) -> std::io::Result<()> {
+    serve_with_unix(app, listener, admin, None).await
+}
+
+/// `serve`, plus clients on a Unix-domain socket (bound with `frontend::unix::bind`) whose file is removed at exit.
+pub async fn serve_with_unix(
+    app: Arc<App>,
+    listener: TcpListener,
+    admin: Option<TcpListener>,
+    unix: Option<(tokio::net::UnixListener, std::path::PathBuf)>,
+) -> std::io::Result<()> {
     tracing::info!(listen = %listener.local_addr()?, "pgsurge accepting connections");
+    if let Some((l, path)) = unix {
+        tracing::info!(unix_socket = %path.display(), "pgsurge accepting connections");
+        tokio::spawn(frontend::unix::accept_loop(app.clone(), l, path));
+    }
     let http = admin.map(|l| tokio::spawn(admin::http::serve(app.clone(), l)));
     let janitor = tokio::spawn(janitor(app.clone()));
+    // Redis (global limits, shared cache tier): its connection, heartbeat and probe, and the invalidation writer.
+    let redis = app.redis.clone().map(|r| tokio::spawn(r.run()));
+    let shared = app.cache.as_ref().and_then(|c| c.shared.clone()).map(|s| tokio::spawn(s.run()));
     frontend::listener::accept_loop(app.clone(), listener).await;
     drain(&app).await;
     janitor.abort();
+    for task in [redis, shared].into_iter().flatten() {
+        task.abort();
+    }
     if let Some(h) = http {
         h.abort();
     }

@@ -5,6 +5,16 @@
 mod demo;
 
 use std::process::ExitCode;
+use std::time::Duration;
+
+// The allocator (a build choice, see Cargo.toml's features): one that returns freed memory to the system, so RSS
+// falls back after a crowd of clients leaves.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+#[cfg(all(feature = "jemalloc", not(feature = "mimalloc")))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 use clap::Parser;
 use pgsurge::config::{Command, Config, LogFormat, Settings};
@@ -26,12 +36,31 @@ fn main() -> ExitCode {
         }
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("PGSURGE_LOG").unwrap_or_else(|_| "info".into());
-    // Logs go to stderr; colours only when a person is watching it.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    // Logs go to stderr, and to `logfile` too when one is set; colours only when a person is watching stderr.
+    let logfile = match config.logfile.as_ref().map(|p| std::fs::OpenOptions::new().create(true).append(true).open(p)) {
+        None => None,
+        Some(Ok(f)) => Some(std::sync::Arc::new(f)),
+        Some(Err(e)) => {
+            eprintln!("pgsurge: logfile {}: {e}", config.logfile.as_ref().map(|p| p.display().to_string()).unwrap_or_default());
+            return ExitCode::from(2);
+        }
+    };
+    let ansi = logfile.is_none() && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let writer = pgsurge::standin::LogWriter::new(logfile);
     match config.log_format {
-        LogFormat::Json => tracing_subscriber::fmt().json().with_env_filter(filter).with_writer(std::io::stderr).init(),
-        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).init(),
+        LogFormat::Json => tracing_subscriber::fmt().json().with_env_filter(filter).with_writer(writer).init(),
+        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(writer).init(),
     }
+    for note in &config.ignored {
+        tracing::warn!("pgbouncer.ini key ignored: {note}");
+    }
+    if let Some(p) = &config.pidfile {
+        if let Err(e) = std::fs::write(p, format!("{}\n", std::process::id())) {
+            eprintln!("pgsurge: pidfile {}: {e}", p.display());
+            return ExitCode::from(2);
+        }
+    }
+    pgsurge::process::check_open_files(&config);
     if config.own_session {
         match pgsurge::process::start_own_session() {
             pgsurge::process::Placement::Failed(e) => tracing::warn!(error = %e, "could not start a session of its own (own_session)"),
@@ -51,7 +80,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(serve(cli, config)) {
+    let pidfile = config.pidfile.clone();
+    let result = rt.block_on(serve(cli, config));
+    if let Some(p) = pidfile {
+        let _ = std::fs::remove_file(p);
+    }
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("pgsurge: {e}");
@@ -124,7 +158,20 @@ fn worker_threads(configured: usize) -> usize {
 }
 
 async fn serve(cli: Settings, config: Config) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(&config.listen).await?;
+    let unix_path = config.unix_socket_path();
+    if cli.reboot == Some(true) {
+        if let Some(p) = &unix_path {
+            pgsurge::standin::take_over(p, config.shutdown_timeout).await;
+        }
+    }
+    let listener = pgsurge::standin::bind_tcp(&config.listen, unix_path.is_some()).await?;
+    let unix = match unix_path {
+        Some(p) => {
+            let wait = if cli.reboot == Some(true) { config.shutdown_timeout } else { Duration::ZERO };
+            Some((pgsurge::frontend::unix::bind_retrying(&p, wait).await?, p))
+        }
+        None => None,
+    };
     let admin = match &config.admin_listen {
         Some(a) => {
             Some(tokio::net::TcpListener::bind(a).await.map_err(|e| std::io::Error::new(e.kind(), format!("admin_listen {a}: {e}")))?)
@@ -134,7 +181,7 @@ async fn serve(cli: Settings, config: Config) -> std::io::Result<()> {
     let app = App::new(config);
     app.set_settings(cli);
     tokio::spawn(signals(app.clone()));
-    pgsurge::serve(app, listener, admin).await
+    pgsurge::serve_with_unix(app, listener, admin, unix).await
 }
 
 /// SIGTERM drains, SIGINT stops now, SIGHUP reloads the config.

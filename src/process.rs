@@ -46,3 +46,66 @@ pub fn foreground_of_terminal() -> bool {
     let Ok(tty) = std::fs::File::open("/dev/tty") else { return false };
     rustix::termios::tcgetpgrp(&tty).is_ok_and(|fg| fg == rustix::process::getpgrp())
 }
+
+/// Descriptors pgsurge needs besides clients and server connections: listeners, the runtime's epoll and
+/// eventfd, stdio, the accept loop's spare, the admin endpoint's connections, cancel requests in flight.
+pub const OTHER_FDS: usize = 64;
+
+/// The open-files limit before and after `raise_open_files_limit`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenFiles {
+    pub before: u64,
+    pub now: u64,
+}
+
+/// The soft RLIMIT_NOFILE now (None: unlimited).
+pub fn open_files_limit() -> Option<u64> {
+    rustix::process::getrlimit(rustix::process::Resource::Nofile).current
+}
+
+/// Raises the soft open-files limit to the hard limit: every client and server connection is a descriptor, and
+/// shells and service managers often start processes at a soft limit of 1,024 under a much higher hard limit.
+/// An unlimited hard limit is capped at the kernel's `fs.nr_open`, the most a process may have.
+pub fn raise_open_files_limit() -> std::io::Result<OpenFiles> {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let lim = getrlimit(Resource::Nofile);
+    let before = lim.current.unwrap_or(u64::MAX);
+    let hard = match lim.maximum {
+        Some(h) => h,
+        None => std::fs::read_to_string("/proc/sys/fs/nr_open").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(1 << 20),
+    };
+    if before >= hard {
+        return Ok(OpenFiles { before, now: before });
+    }
+    setrlimit(Resource::Nofile, Rlimit { current: Some(hard), maximum: lim.maximum })?;
+    Ok(OpenFiles { before, now: hard })
+}
+
+/// At start: raises the open-files limit and warns when `max_client_conn` clients plus the server connections the
+/// pools may open cannot fit under it (clients past the room left are then refused with 53300 at accept).
+pub fn check_open_files(config: &crate::Config) {
+    let limit = match raise_open_files_limit() {
+        Ok(f) => {
+            if f.now != f.before {
+                tracing::info!(before = f.before, now = f.now, "raised the open-files soft limit to the hard limit");
+            }
+            f.now
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not raise the open-files soft limit");
+            open_files_limit().unwrap_or(u64::MAX)
+        }
+    };
+    let servers = config.server_conn_estimate();
+    let need = (config.max_client_conn + servers + OTHER_FDS) as u64;
+    if need > limit {
+        tracing::warn!(
+            open_files_limit = limit,
+            max_client_conn = config.max_client_conn,
+            server_connections = servers,
+            "max_client_conn plus the server connections do not fit under the open-files limit: at most {} clients \
+             will be served, the rest refused with 53300; raise the hard limit (ulimit -Hn, LimitNOFILE=) or lower max_client_conn",
+            limit.saturating_sub((servers + OTHER_FDS) as u64)
+        );
+    }
+}

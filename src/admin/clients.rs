@@ -49,7 +49,8 @@ impl ClientInfo {
 
 #[derive(Default)]
 pub struct ClientRegistry {
-    next: AtomicU64,
+    /// Ids of clients, and of server connections too (pools share it): one sequence, as PgBouncer's.
+    pub ids: Arc<AtomicU64>,
     live: Mutex<BTreeMap<u64, Arc<ClientInfo>>>,
 }
 
@@ -77,7 +78,7 @@ impl ClientRegistry {
         tls: bool,
         slot: Option<Arc<CancelSlot>>,
     ) -> ClientGuard<'_> {
-        let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        let id = self.ids.fetch_add(1, Ordering::Relaxed) + 1;
         let info = ClientInfo {
             id,
             addr,

@@ -116,15 +116,17 @@ async fn run_command(app: &Arc<App>, role: Role, command: &str, out: &mut BytesM
             (s.run)(app).encode(out, "SHOW");
             Ok(())
         }
-        // Drivers set session parameters at connect (JDBC, psycopg); the console has none to change.
-        "SET" => {
+        // Drivers set session parameters at connect (JDBC); for a stats user that is all SET can be.
+        "SET" if role == Role::Stats => {
             encode::put_command_complete(out, "SET");
             Ok(())
         }
         "RELOAD" => {
             admin_only()?;
-            let notes =
-                app.reload_from_settings().map_err(|e| Error::Config(format!("reload refused, the running configuration stays: {e}")))?;
+            let notes = app.reload_from_settings().map_err(|e| {
+                tracing::error!(error = %e, "RELOAD refused; the running configuration stays");
+                Error::Config(format!("RELOAD failed, see logs for additional details ({e}); the running configuration stays"))
+            })?;
             for n in notes {
                 notice(out, &n);
             }
@@ -160,7 +162,13 @@ async fn run_command(app: &Arc<App>, role: Role, command: &str, out: &mut BytesM
             encode::put_command_complete(out, "SHUTDOWN");
             Ok(())
         }
-        other => Err(Error::Syntax(format!("unknown admin console command {other:?}; SHOW HELP lists them"))),
+        other => {
+            admin_only()?;
+            match super::commands::run(app, other, command, arg, out).await {
+                Some(r) => r,
+                None => Err(Error::Syntax(format!("unknown admin console command {other:?}; SHOW HELP lists them"))),
+            }
+        }
     }
 }
 

@@ -168,6 +168,9 @@ pub fn render(app: &App) -> String {
         cache_metrics(&mut o, c);
     }
     o.0.push_str(&app.limits.prometheus());
+    if let Some(r) = &app.redis {
+        o.0.push_str(&r.prometheus());
+    }
     o.0.push_str(&crate::batch::report::prometheus(&app.batch));
     o.0.push_str(&super::slow::prometheus(app));
     o.0
@@ -200,6 +203,21 @@ fn cache_metrics(o: &mut Out, c: &crate::cache::Cache) {
             ("pgsurge_cache_notifications_received_total", "Invalidation notifications received from Postgres.", &n.received),
             ("pgsurge_cache_notifications_sent_total", "Invalidation notifications sent after writes through this instance.", &n.sent),
             ("pgsurge_cache_notify_reconnects_total", "Times an invalidation listener lost its connection.", &n.reconnects),
+        ] {
+            o.family(name, "counter", help);
+            o.sample(name, &[], v.load(Ordering::Relaxed));
+        }
+    }
+    if let Some(t) = &c.shared {
+        for (name, help, v) in [
+            ("pgsurge_cache_redis_hits_total", "Local misses answered from the shared tier in Redis.", &t.stats.hits),
+            ("pgsurge_cache_redis_misses_total", "Local misses the shared tier did not have either.", &t.stats.misses),
+            ("pgsurge_cache_redis_stores_total", "Fills written to the shared tier.", &t.stats.stores),
+            (
+                "pgsurge_cache_redis_skipped_total",
+                "Local misses that did not ask Redis (down, or an invalidation not yet written).",
+                &t.stats.skipped,
+            ),
         ] {
             o.family(name, "counter", help);
             o.sample(name, &[], v.load(Ordering::Relaxed));

@@ -2,10 +2,12 @@
 //! it lists, pause state, per-SQLSTATE error counts, and the HTTP endpoints (/metrics, /healthz, /readyz).
 
 pub mod clients;
+pub mod commands;
 pub mod console;
 pub mod http;
 pub mod metrics;
 pub mod show;
+pub mod show_pgb;
 pub mod slow;
 pub mod table;
 
@@ -31,6 +33,27 @@ pub struct Ops {
     paused: Mutex<(bool, BTreeSet<String>)>,
     /// The flags and environment pgsurge started with: a reload re-reads the file under them.
     settings: Mutex<Option<Settings>>,
+    /// Console `SET key = value`s, applied over the file on every reload (PgBouncer key names).
+    overrides: Mutex<Vec<(String, String)>>,
+    /// `DISABLE db`: databases new clients may not connect to.
+    disabled: Mutex<BTreeSet<String>>,
+    /// When pgsurge started (SHOW STATS_AVERAGES averages over it).
+    pub started: Started,
+}
+
+/// An `Instant` that defaults to now.
+pub struct Started(pub tokio::time::Instant);
+
+impl Default for Started {
+    fn default() -> Started {
+        Started(tokio::time::Instant::now())
+    }
+}
+
+impl Started {
+    pub fn elapsed(&self) -> std::time::Duration {
+        self.0.elapsed()
+    }
 }
 
 /// Errors pgsurge itself sent to clients, by SQLSTATE (not the hot path: only when an error is written).
@@ -48,6 +71,19 @@ impl ErrorCounts {
 }
 
 impl Ops {
+    pub fn is_disabled(&self, database: &str) -> bool {
+        self.disabled.lock().contains(database)
+    }
+
+    pub fn set_disabled(&self, database: &str, disabled: bool) {
+        let mut d = self.disabled.lock();
+        if disabled {
+            d.insert(database.to_string());
+        } else {
+            d.remove(database);
+        }
+    }
+
     pub fn is_paused(&self, database: &str) -> bool {
         let p = self.paused.lock();
         p.0 || p.1.contains(database)
@@ -85,13 +121,49 @@ impl App {
         let Some(s) = self.ops.settings.lock().clone() else {
             return Err(crate::config::ConfigError("pgsurge was started without settings to reload from".into()));
         };
-        let new = Config::load(s)?;
+        let new = Config::load(self.with_overrides(s, None)?)?;
         let notes = self.reload(new);
         for n in &notes {
             tracing::warn!("{n}");
         }
         tracing::info!("configuration reloaded");
         Ok(notes)
+    }
+
+    /// Console `SET key = value` (PgBouncer's key names): validated like a reload with that one key changed,
+    /// then applied; it stays over the file on later reloads. Returns notes (keys not applied, restart-only keys).
+    pub fn set_key(&self, key: &str, value: &str) -> Result<Vec<String>, crate::config::ConfigError> {
+        let Some(s) = self.ops.settings.lock().clone() else {
+            return Err(crate::config::ConfigError("pgsurge was started without settings to reload from".into()));
+        };
+        let new_one = (key.to_ascii_lowercase(), value.to_string());
+        let mut ignored = Vec::new();
+        let settings = self.with_overrides(s, Some((&new_one, &mut ignored)))?;
+        let new = Config::load(settings)?;
+        {
+            let mut o = self.ops.overrides.lock();
+            o.retain(|(k, _)| *k != new_one.0);
+            o.push(new_one);
+        }
+        let mut notes = self.reload(new);
+        notes.extend(ignored);
+        Ok(notes)
+    }
+
+    /// The start-up flags with every console `SET` (and `extra`, being tried) applied on top of them.
+    fn with_overrides(
+        &self,
+        mut s: Settings,
+        extra: Option<(&(String, String), &mut Vec<String>)>,
+    ) -> Result<Settings, crate::config::ConfigError> {
+        let mut sink = Vec::new();
+        for (k, v) in self.ops.overrides.lock().iter() {
+            let _ = crate::config::ini::apply(&mut s, k, v, &mut sink);
+        }
+        if let Some(((k, v), ignored)) = extra {
+            crate::config::ini::apply(&mut s, k, v, ignored).map_err(|e| crate::config::ConfigError(format!("{k}: {e}")))?;
+        }
+        Ok(s)
     }
 
     /// `PAUSE [db]`: new checkouts of the matching pools wait (they do not fail) until `RESUME`.

@@ -37,6 +37,18 @@ pub const SHOWS: &[Show] = &[
     Show { name: "BATCHES", run: crate::batch::report::show_batches },
     Show { name: "NPLUSONE", run: crate::batch::report::show_nplusone },
     Show { name: "SLOW", run: super::slow::show },
+    Show { name: "STATE", run: super::show_pgb::state },
+    Show { name: "TOTALS", run: super::show_pgb::totals },
+    Show { name: "STATS_TOTALS", run: super::show_pgb::stats_totals },
+    Show { name: "STATS_AVERAGES", run: super::show_pgb::stats_averages },
+    Show { name: "MEM", run: super::show_pgb::mem },
+    Show { name: "FDS", run: super::show_pgb::fds },
+    Show { name: "SOCKETS", run: super::show_pgb::sockets },
+    Show { name: "ACTIVE_SOCKETS", run: super::show_pgb::active_sockets },
+    Show { name: "PEERS", run: super::show_pgb::peers },
+    Show { name: "PEER_POOLS", run: super::show_pgb::peer_pools },
+    Show { name: "DNS_HOSTS", run: super::show_pgb::dns_hosts },
+    Show { name: "DNS_ZONES", run: super::show_pgb::dns_zones },
 ];
 
 /// The read cache: entries, bytes, hits, misses, hit ratio, evictions, invalidations.
@@ -332,12 +344,17 @@ fn databases(app: &App) -> Table {
         "pool_size",
         "min_pool_size",
         "pool_mode",
+        "max_connections",
         "current_connections",
+        "max_client_connections",
+        "current_client_connections",
         "paused",
         "disabled",
     ]);
     let cfg = app.config.load();
     let pools = app.pools();
+    let clients = super::show_pgb::clients_by(app, |c| c.database.clone());
+    let max_clients = |name: &str| cfg.limits.databases.get(name).unwrap_or(&cfg.limits.per_database).max_connections.unwrap_or(0);
     for d in cfg.databases.values() {
         let current: usize = pools.iter().filter(|p| p.key.database == d.name).map(|p| p.total_servers.load(Ordering::Relaxed)).sum();
         let force_user = match &d.user {
@@ -351,39 +368,86 @@ fn databases(app: &App) -> Table {
             d.dbname.clone().into(),
             force_user,
             d.pool_size.into(),
-            cfg.min_pool_size.min(d.pool_size).into(),
+            d.min_pool_size.unwrap_or(cfg.min_pool_size).min(d.pool_size).into(),
             d.pool_mode.name().into(),
+            cfg.limits.max_db_connections.into(),
             current.into(),
+            max_clients(&d.name).into(),
+            clients.get(&d.name).copied().unwrap_or(0).into(),
             (app.ops.is_paused(&d.name) as u8).into(),
-            0.into(),
+            (app.ops.is_disabled(&d.name) as u8).into(),
+        ]);
+    }
+    // The console's virtual database, as PgBouncer lists it.
+    for name in crate::frontend::handshake::ADMIN_DATABASES {
+        t.row(row![
+            *name,
+            "",
+            cfg.listen.rsplit(':').next().unwrap_or(""),
+            *name,
+            *name,
+            2,
+            0,
+            "statement",
+            0,
+            0,
+            max_clients(name),
+            clients.get(*name).copied().unwrap_or(0),
+            0,
+            0
         ]);
     }
     t
 }
 
 fn users(app: &App) -> Table {
-    let mut t = Table::new(&["name", "pool_size", "auth_type", "current_client_connections", "admin"]);
+    let mut t = Table::new(&[
+        "name",
+        "pool_size",
+        "max_user_connections",
+        "current_connections",
+        "max_user_client_connections",
+        "current_client_connections",
+        "auth_type",
+        "admin",
+    ]);
     let cfg = app.config.load();
-    let mut per_user: BTreeMap<String, usize> = BTreeMap::new();
-    for c in app.ops.clients.snapshot() {
-        *per_user.entry(c.user.clone()).or_default() += 1;
+    let per_user = super::show_pgb::clients_by(app, |c| c.user.clone());
+    let mut servers: BTreeMap<String, usize> = BTreeMap::new();
+    for p in app.pools() {
+        *servers.entry(p.key.user.clone()).or_default() += p.total_servers.load(Ordering::Relaxed);
     }
-    for u in cfg.users.values() {
-        let auth = match u.auth {
+    // Known users, users with limits of their own, and users logged in now (auth_query).
+    let mut names: std::collections::BTreeSet<String> = cfg.users.keys().cloned().collect();
+    names.extend(cfg.limits.users.keys().cloned());
+    names.extend(per_user.keys().cloned());
+    for name in names {
+        let u = cfg.users.get(&name);
+        let auth = match u.map(|u| u.auth).unwrap_or(cfg.auth_type) {
             AuthMethod::ScramSha256 => "scram-sha-256",
             AuthMethod::Md5 => "md5",
             AuthMethod::Trust => "trust",
         };
-        let role = match super::role_of(&cfg, &u.name) {
+        let role = match super::role_of(&cfg, &name) {
             Some(super::Role::Admin) => "admin",
             Some(super::Role::Stats) => "stats",
             None => "",
         };
-        let size = match u.pool_size {
+        let size = match u.and_then(|u| u.pool_size) {
             Some(n) => n.into(),
             None => null(),
         };
-        t.row(vec![u.name.clone().into(), size, auth.into(), per_user.get(&u.name).copied().unwrap_or(0).into(), role.into()]);
+        let max_clients = cfg.limits.users.get(&name).unwrap_or(&cfg.limits.per_user).max_connections.unwrap_or(0);
+        t.row(vec![
+            name.clone().into(),
+            size,
+            cfg.limits.max_user_connections.into(),
+            servers.get(&name).copied().unwrap_or(0).into(),
+            max_clients.into(),
+            per_user.get(&name).copied().unwrap_or(0).into(),
+            auth.into(),
+            role.into(),
+        ]);
     }
     t
 }

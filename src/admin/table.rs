@@ -22,7 +22,20 @@ impl Table {
     }
 
     pub fn encode(&self, out: &mut BytesMut, tag: &str) {
-        encode::put_text_row_description(out, &self.columns);
+        // A column whose every value is an integer is int8, as PgBouncer's console types its counters, so
+        // drivers read numbers; the rest is text.
+        let typed: Vec<(&str, u32)> = self
+            .columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let ints = !self.rows.is_empty()
+                    && self.rows.iter().all(|r| r[i].as_deref().is_none_or(|v| v.parse::<i64>().is_ok()))
+                    && self.rows.iter().any(|r| r[i].is_some());
+                (*c, if ints { 20 } else { 25 })
+            })
+            .collect();
+        encode::put_typed_row_description(out, &typed);
         for r in &self.rows {
             let vals: Vec<Option<&str>> = r.iter().map(|v| v.as_deref()).collect();
             encode::put_data_row(out, &vals);

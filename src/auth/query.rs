@@ -35,7 +35,11 @@ impl App {
     /// (or auth_query is not configured).
     pub async fn auth_query_user(&self, db: &Database, name: &str) -> Result<Option<User>> {
         let cfg = self.config.load_full();
-        let Some((auth_user, password)) = cfg.auth_user.clone() else { return Ok(None) };
+        // A database's own auth_user (pgbouncer.ini) wins; its password comes from the users.
+        let global = cfg.auth_user.clone();
+        let Some((auth_user, password)) = db.auth_user.clone().map(|u| (u, None)).or(global) else { return Ok(None) };
+        // auth_dbname: the lookup runs in that configured database instead.
+        let look_in = db.auth_dbname.as_ref().and_then(|n| cfg.databases.get(n)).unwrap_or(db);
         let key = (db.name.clone(), name.to_string());
         if let Some((at, secret)) = self.ops.auth_cache.0.lock().get(&key) {
             let ttl = if secret.is_some() { FOUND_TTL } else { MISSING_TTL };
@@ -52,9 +56,9 @@ impl App {
             },
         };
         let target = ServerTarget {
-            host: db.host.clone(),
-            port: db.port,
-            dbname: db.dbname.clone(),
+            host: look_in.host.clone(),
+            port: look_in.port,
+            dbname: look_in.dbname.clone(),
             user: auth_user,
             credential,
             max_prepared: std::num::NonZeroUsize::MIN,
@@ -107,7 +111,7 @@ async fn lookup(target: &ServerTarget, query: &str, name: &str, timeout: Duratio
             .await
             .map_err(|_| Error::UpstreamLost("auth_query did not answer in time".into()))??;
         match tag {
-            DATA_ROW if found.is_none() => found = second_column(&body),
+            DATA_ROW if found.is_none() => found = Some(second_column(&body)),
             ERROR_RESPONSE => err = Some(ErrorView::parse(&body).unwrap_or_default()),
             READY_FOR_QUERY => break,
             _ => {}
@@ -118,7 +122,8 @@ async fn lookup(target: &ServerTarget, query: &str, name: &str, timeout: Duratio
         tracing::warn!(code = %e.code, message = %e.message, "auth_query failed");
         return Err(Error::Server(ErrorView { severity: "FATAL".into(), message: format!("auth_query failed: {}", e.message), ..e }));
     }
-    Ok(found.map(|s| Secret::from_config(&s)).filter(|s| *s != Secret::None))
+    // A user found with no password (NULL) exists, with no secret: only `trust` lets it in.
+    Ok(found.map(|s| s.map(|s| Secret::from_config(&s)).unwrap_or(Secret::None)))
 }
 
 /// The text of a DataRow's second column (the secret), if it is there and not NULL.

@@ -7,6 +7,7 @@ pub mod lane;
 pub mod pool;
 pub mod server;
 pub mod socket;
+pub mod stats;
 
 pub use checkout::{Checkout, ReleaseState};
 pub use pool::{Pool, PoolKey};

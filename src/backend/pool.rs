@@ -12,6 +12,8 @@ use tokio::time::Instant;
 
 use super::checkout::Checkout;
 use super::server::{ServerConn, ServerTarget, UpstreamCredential};
+use super::stats::Waiting;
+pub use super::stats::{PoolStats, ServerInfo, WAIT_BUCKETS_US};
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -32,73 +34,11 @@ pub struct PoolSettings {
     /// The slow lane (backend/lane.rs): `slow_query_threshold` (zero: off) and `slow_pool_share`.
     pub slow_threshold: Duration,
     pub slow_share: f64,
+    /// Extra connections a client may get once it has waited `reserve_timeout` (PgBouncer's reserve pool).
+    pub reserve_size: usize,
+    pub reserve_timeout: Duration,
     /// Keepalive and TCP_USER_TIMEOUT of new server connections.
     pub tcp: super::socket::TcpOpts,
-}
-
-/// Counters read by the admin console and /metrics.
-#[derive(Debug, Default)]
-pub struct PoolStats {
-    pub checkouts: AtomicU64,
-    pub transactions: AtomicU64,
-    pub queries: AtomicU64,
-    pub wait_us_total: AtomicU64,
-    pub wait_timeouts: AtomicU64,
-    pub connects: AtomicU64,
-    pub connect_failures: AtomicU64,
-    pub closed_dirty: AtomicU64,
-    pub bytes_to_server: AtomicU64,
-    pub bytes_to_client: AtomicU64,
-    pub waiting: AtomicUsize,
-    pub active: AtomicUsize,
-    /// Sessions holding their server connection because of LISTEN, temp tables, locks, ... (now / ever).
-    pub pinned: AtomicUsize,
-    pub pins_total: AtomicU64,
-    /// Checkout wait times by `WAIT_BUCKETS_US` upper bound (not cumulative; the last is +Inf).
-    pub wait_hist: [AtomicU64; WAIT_BUCKETS_US.len() + 1],
-}
-
-/// Upper bounds of the wait-time histogram buckets, in µs (exported in seconds).
-pub const WAIT_BUCKETS_US: [u64; 12] =
-    [100, 500, 1_000, 5_000, 10_000, 50_000, 100_000, 500_000, 1_000_000, 5_000_000, 10_000_000, 30_000_000];
-
-impl PoolStats {
-    fn record_wait(&self, us: u64) {
-        let i = WAIT_BUCKETS_US.iter().position(|&b| us <= b).unwrap_or(WAIT_BUCKETS_US.len());
-        self.wait_hist[i].fetch_add(1, Ordering::Relaxed);
-        self.wait_us_total.fetch_add(us, Ordering::Relaxed);
-    }
-}
-
-/// What SHOW SERVERS lists of one server connection (kept from connect to close, not touched per query).
-#[derive(Debug, Clone)]
-pub struct ServerInfo {
-    pub id: u64,
-    pub connect_time: std::time::SystemTime,
-    pub local_addr: Option<std::net::SocketAddr>,
-    pub remote: String,
-    /// The host and port it is to: one of the target's hosts (after a failover, not the first).
-    pub host: String,
-    pub port: u16,
-    pub backend_pid: u32,
-    pub tls: bool,
-}
-
-/// Counts a checkout in the wait queue until dropped, however the wait ends (the future may be dropped on cancel).
-struct Waiting<'a>(&'a AtomicUsize);
-
-impl<'a> Waiting<'a> {
-    fn new(n: &'a AtomicUsize) -> Waiting<'a> {
-        // SeqCst: the slow lane's head compares this with the free permits (backend/lane.rs).
-        n.fetch_add(1, Ordering::SeqCst);
-        Waiting(n)
-    }
-}
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
 }
 
 struct Backoff {
@@ -119,6 +59,9 @@ pub struct Pool {
     #[allow(clippy::vec_box)]
     idle: Mutex<Vec<Box<ServerConn>>>,
     permits: Arc<Semaphore>,
+    /// The reserve pool's permits, and how many it owns now.
+    reserve: Arc<Semaphore>,
+    reserve_size: AtomicUsize,
     /// Permits currently owned by the pool (its size); the semaphore is grown or shrunk to match on reload.
     size: AtomicUsize,
     /// While connects fail, only the holder of this gate tries; the others wait for its verdict.
@@ -128,7 +71,9 @@ pub struct Pool {
     shared_settings: Mutex<Arc<crate::state::Settings>>,
     /// ParameterStatus values clients receive at login, learned from the first server connection.
     login_params: Mutex<Option<Vec<(String, String)>>>,
-    next_id: AtomicU64,
+    /// Where server connection ids come from: shared with the client registry, so a client and a server never
+    /// share an id (SHOW SOCKETS lists both, as PgBouncer numbers them).
+    next_id: Arc<AtomicU64>,
     /// Shared caps this pool also draws from (`max_db_connections`, `max_user_connections`), if any.
     budgets: arc_swap::ArcSwapOption<crate::limit::Budgets>,
     pub total_servers: AtomicUsize,
@@ -138,15 +83,20 @@ pub struct Pool {
     /// `PAUSE`: while true, new checkouts wait (they do not fail).
     paused: tokio::sync::watch::Sender<bool>,
     servers: Mutex<std::collections::BTreeMap<u64, ServerInfo>>,
+    /// `RECONNECT`: server connections with an id below this are closed when next idle.
+    reconnect_below: AtomicU64,
 }
+
+/// A connection idle at least this long is peeked at before reuse, whatever `server_check_delay` says.
+const PEEK_AFTER_IDLE: Duration = Duration::from_millis(50);
 
 const BACKOFF_START: Duration = Duration::from_millis(50);
 const BACKOFF_CAP: Duration = Duration::from_millis(500);
 
 impl Pool {
     /// `id`: unique among the pools of this process, never reused (the owner counts them).
-    pub fn new(id: u32, key: PoolKey, mut target: ServerTarget, settings: PoolSettings) -> Arc<Pool> {
-        let size = settings.size;
+    pub fn new(id: u32, key: PoolKey, mut target: ServerTarget, settings: PoolSettings, ids: Arc<AtomicU64>) -> Arc<Pool> {
+        let (size, reserve) = (settings.size, settings.reserve_size);
         target.tcp = settings.tcp;
         let lane = super::lane::Lane::new(size, settings.slow_share, settings.slow_threshold);
         Arc::new(Pool {
@@ -157,17 +107,20 @@ impl Pool {
             settings: Mutex::new(settings),
             idle: Mutex::new(Vec::new()),
             permits: Arc::new(Semaphore::new(size)),
+            reserve: Arc::new(Semaphore::new(reserve)),
+            reserve_size: AtomicUsize::new(reserve),
             size: AtomicUsize::new(size),
             connect_gate: tokio::sync::Mutex::new(()),
             backoff: Mutex::new(Backoff { failing: false, delay: BACKOFF_START, next_attempt: Instant::now(), last_error: None }),
             login_params: Mutex::new(None),
             shared_settings: Default::default(),
-            next_id: AtomicU64::new(1),
+            next_id: ids,
             budgets: Default::default(),
             total_servers: AtomicUsize::new(0),
             stats: PoolStats::default(),
             paused: tokio::sync::watch::channel(false).0,
             servers: Mutex::new(Default::default()),
+            reconnect_below: AtomicU64::new(0),
         })
     }
 
@@ -186,6 +139,18 @@ impl Pool {
             tokio::spawn(async move {
                 // Take the permits back as checkouts end, then forget them.
                 if let Ok(p) = permits.acquire_many_owned(shrink as u32).await {
+                    p.forget();
+                }
+            });
+        }
+        let old = self.reserve_size.swap(s.reserve_size, Ordering::SeqCst);
+        if s.reserve_size > old {
+            self.reserve.add_permits(s.reserve_size - old);
+        } else if s.reserve_size < old {
+            let reserve = self.reserve.clone();
+            let shrink = (old - s.reserve_size) as u32;
+            tokio::spawn(async move {
+                if let Ok(p) = reserve.acquire_many_owned(shrink).await {
                     p.forget();
                 }
             });
@@ -290,9 +255,20 @@ impl Pool {
                 None => return Err(self.lane_timeout(wait)),
             }
         } else {
+            let (reserve_size, reserve_at) = {
+                let s = self.settings.lock();
+                (s.reserve_size, started + s.reserve_timeout)
+            };
             let permit = tokio::select! {
                 biased;
                 p = self.permits.clone().acquire_owned() => p.ok(),
+                p = async {
+                    tokio::time::sleep_until(reserve_at).await;
+                    self.reserve.clone().acquire_owned().await
+                }, if reserve_size > 0 => {
+                    tracing::info!(pool = %self.key.database, user = %self.key.user, "taking connection from reserve_pool");
+                    p.ok()
+                }
                 _ = timer => None,
             };
             drop(queue);
@@ -378,7 +354,9 @@ impl Pool {
             let mut c = self.idle.lock().pop()?;
             let now = Instant::now();
             let expired = now.duration_since(c.created) >= s.lifetime;
-            let stale = now.duration_since(c.last_used) >= s.check_delay && !c.looks_alive();
+            // A peek (one non-blocking recv) catches a server that said goodbye while idle (Postgres restarting
+            // sends FATAL 57P01 to idle backends); busy pools reuse within milliseconds and skip it.
+            let stale = now.duration_since(c.last_used) >= s.check_delay.min(PEEK_AFTER_IDLE) && !c.looks_alive();
             if expired || stale {
                 self.forget(c);
                 continue;
@@ -427,7 +405,7 @@ impl Pool {
             let target = self.target();
             let timeout =
                 self.settings.lock().connect_timeout.min(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)));
-            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
             // Each host gets `timeout`; all of them together get what is left of the wait.
             let attempt = tokio::time::timeout_at(deadline.max(Instant::now() + timeout), ServerConn::connect(id, &target, timeout));
             let result = attempt.await.unwrap_or_else(|_| {
@@ -487,7 +465,7 @@ impl Pool {
     pub(super) fn checkin(&self, mut c: Box<ServerConn>) {
         let s = self.settings.lock().clone();
         let now = Instant::now();
-        if now.duration_since(c.created) >= s.lifetime || self.idle.lock().len() >= s.size {
+        if now.duration_since(c.created) >= s.lifetime || self.idle.lock().len() >= s.size || self.must_reconnect(c.id) {
             self.forget(c);
             return;
         }
@@ -508,6 +486,30 @@ impl Pool {
         }
     }
 
+    /// `RECONNECT`: every server connection open now is closed when next idle (idle ones at once); new ones
+    /// are opened as needed.
+    pub fn reconnect(&self) {
+        self.reconnect_below.store(self.next_id.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+        let old: Vec<Box<ServerConn>> = {
+            let mut idle = self.idle.lock();
+            let (old, keep): (Vec<_>, Vec<_>) = idle.drain(..).partition(|c| self.must_reconnect(c.id));
+            *idle = keep;
+            old
+        };
+        for c in old {
+            self.forget(c);
+        }
+    }
+
+    fn must_reconnect(&self, id: u64) -> bool {
+        id < self.reconnect_below.load(Ordering::Relaxed)
+    }
+
+    /// Server connections still open that `RECONNECT` asked to close (what `WAIT_CLOSE` waits for).
+    pub fn closing_count(&self) -> usize {
+        self.servers.lock().keys().filter(|id| self.must_reconnect(**id)).count()
+    }
+
     /// Closes a server connection for good.
     pub(super) fn forget(&self, c: Box<ServerConn>) {
         self.closed(c.id);
@@ -526,9 +528,11 @@ impl Pool {
         let now = Instant::now();
         let stale: Vec<Box<ServerConn>> = {
             let mut idle = self.idle.lock();
-            let (old, keep): (Vec<_>, Vec<_>) = idle
-                .drain(..)
-                .partition(|c| now.duration_since(c.last_used) >= s.idle_timeout || now.duration_since(c.created) >= s.lifetime);
+            let (old, keep): (Vec<_>, Vec<_>) = idle.drain(..).partition(|c| {
+                now.duration_since(c.last_used) >= s.idle_timeout
+                    || now.duration_since(c.created) >= s.lifetime
+                    || self.must_reconnect(c.id)
+            });
             *idle = keep;
             old
         };

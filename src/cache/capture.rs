@@ -9,6 +9,7 @@ use bytes::BytesMut;
 use tokio::time::Instant;
 
 use super::deps::Deps;
+use super::shared::SharedFill;
 use super::{Cache, Entry, FillGuard};
 use crate::protocol::codes::*;
 
@@ -20,6 +21,8 @@ pub struct Capture {
     ttl: Duration,
     buf: BytesMut,
     ok: bool,
+    /// Also written to the shared tier in Redis when complete.
+    shared: Option<SharedFill>,
 }
 
 impl Drop for Capture {
@@ -32,7 +35,13 @@ impl Drop for Capture {
 impl Capture {
     /// Starts recording a fill of `fill`'s key that depends on `deps` and lives `ttl`.
     pub fn new(cache: Arc<Cache>, fill: FillGuard, deps: Deps, ttl: Duration) -> Capture {
-        Capture { cache, fill, deps: Some(deps), started: Instant::now(), ttl, buf: BytesMut::new(), ok: true }
+        Capture { cache, fill, deps: Some(deps), started: Instant::now(), ttl, buf: BytesMut::new(), ok: true, shared: None }
+    }
+
+    /// The fill goes to the shared tier too.
+    pub fn shared(mut self, fill: Option<SharedFill>) -> Capture {
+        self.shared = fill;
+        self
     }
 
     /// Adds one frame the client received; returns true when the request is complete.
@@ -79,8 +88,12 @@ impl Capture {
         }
         let Some(deps) = self.deps.take() else { return };
         let now = Instant::now();
+        let bytes = std::mem::take(&mut self.buf).freeze();
+        if let Some(s) = self.shared.take() {
+            s.store(bytes.clone(), self.ttl.saturating_sub(now.duration_since(self.started)));
+        }
         let entry = Entry {
-            bytes: std::mem::take(&mut self.buf).freeze(),
+            bytes,
             deps,
             filled_at: self.started,
             // Counted from when the read began: an entry is never older than its TTL.

@@ -16,6 +16,8 @@ pub struct CacheSettings {
     pub default_ttl: Option<Dur>,
     pub notify: Option<bool>,
     pub notify_channel: Option<String>,
+    /// Keep entries in Redis too, shared by every instance (needs `redis_url`).
+    pub redis: Option<bool>,
     #[serde(default)]
     pub rules: Vec<CacheRule>,
 }
@@ -42,6 +44,8 @@ pub struct CacheConfig {
     /// Share invalidations with other instances through Postgres NOTIFY on `notify_channel`.
     pub notify: bool,
     pub notify_channel: String,
+    /// The shared tier in Redis (cache/shared.rs).
+    pub redis: bool,
     pub rules: Vec<CacheRule>,
 }
 
@@ -54,6 +58,8 @@ pub struct CacheFlags {
     pub ttl: Option<Dur>,
     /// `--cache-notify`
     pub notify: Option<bool>,
+    /// `--cache-redis`
+    pub redis: Option<bool>,
 }
 
 impl CacheConfig {
@@ -66,8 +72,12 @@ impl CacheConfig {
             default_ttl: flags.ttl.or(file.default_ttl).map(|d| d.0).unwrap_or(Duration::from_secs(1)),
             notify: flags.notify.or(file.notify).unwrap_or(false),
             notify_channel: file.notify_channel.clone().unwrap_or_else(|| "pgsurge_invalidate".into()),
+            redis: flags.redis.or(file.redis).unwrap_or(false),
             rules: file.rules.clone(),
         };
+        if c.redis && !c.enabled {
+            return Err("cache.redis (--cache-redis) needs the cache on (--cache)".into());
+        }
         if c.notify && !c.enabled {
             return Err("cache.notify (--cache-notify) needs the cache on (--cache)".into());
         }

@@ -10,6 +10,7 @@ pub mod invalidation;
 pub mod key;
 pub mod notify;
 pub mod policy;
+pub mod shared;
 pub mod stage;
 pub mod triggers;
 pub mod writes;
@@ -89,6 +90,8 @@ pub struct Cache {
     pub config: CacheConfig,
     /// Invalidations shared with other instances through Postgres (`[cache] notify`).
     pub notifier: Option<notify::Notifier>,
+    /// The tier shared through Redis (`[cache] redis`).
+    pub shared: Option<Arc<shared::Shared>>,
     store: Store,
     pub generations: Generations,
     inflight: Mutex<foldhash::HashMap<Bytes, Arc<Notify>>>,
@@ -155,12 +158,18 @@ pub enum Lookup {
 
 impl Cache {
     pub fn new(config: CacheConfig) -> Cache {
+        Cache::with_redis(config, None)
+    }
+
+    /// A cache whose entries are shared through `redis` too when `[cache] redis` is on.
+    pub fn with_redis(config: CacheConfig, redis: Option<Arc<crate::redis::Redis>>) -> Cache {
         let stats = Arc::new(CacheStats::default());
         // quick_cache wants an estimate of the item count: assume entries of ~1 KiB.
         let items = (config.max_bytes / 1024).clamp(1024, 1 << 22) as usize;
         let store = Store::with(items, config.max_bytes, Weigher, quick_cache::DefaultHashBuilder::default(), Evictions(stats.clone()));
         Cache {
             notifier: config.notify.then(|| notify::Notifier::new(config.notify_channel.clone())),
+            shared: redis.filter(|_| config.redis).map(shared::Shared::new),
             config,
             store,
             generations: Generations::default(),
@@ -232,6 +241,17 @@ impl Cache {
         s
     }
 
+    /// Stores an entry found in the shared tier and counts the hit; the entry to answer with.
+    pub fn store_shared(&self, key: Bytes, entry: Entry) -> Arc<Entry> {
+        self.stats.hits.fetch_add(1, Ordering::Relaxed);
+        entry.stats.hits.fetch_add(1, Ordering::Relaxed);
+        let e = Arc::new(entry);
+        if self.generations.current(&e.deps) && !self.blind() && e.bytes.len() <= self.config.max_entry_bytes {
+            self.store.insert(key, e.clone());
+        }
+        e
+    }
+
     /// Stores a finished fill, unless a write voided it meanwhile or it is too big.
     pub fn store(&self, key: Bytes, entry: Entry) {
         if entry.bytes.len() > self.config.max_entry_bytes {
@@ -254,6 +274,9 @@ impl Cache {
 
     /// A write pgsurge forwarded or heard of: what it touched is void from now on.
     pub fn apply(&self, inv: &Invalidation) {
+        if let (Some(s), false) = (&self.shared, *inv == Invalidation::Flush) {
+            s.bump(inv);
+        }
         match inv {
             Invalidation::Flush => self.flush(),
             Invalidation::Tables(t) => {
@@ -269,6 +292,9 @@ impl Cache {
 
     /// DDL, privileges, roles: everything is void.
     pub fn flush(&self) {
+        if let Some(s) = &self.shared {
+            s.bump(&Invalidation::Flush);
+        }
         self.facts.lock().clear();
         self.generations.flush();
         self.stats.flushes.fetch_add(1, Ordering::Relaxed);

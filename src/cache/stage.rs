@@ -8,12 +8,15 @@ use std::time::Duration;
 use super::capture::Capture;
 use super::deps::Point;
 use super::key::row_keys;
+use super::shared::{self, Found, Shared};
 use super::writes::Writes;
 use super::{policy, Cache, Entry, Lookup, TableFacts};
 use crate::backend::{Pool, ReleaseState};
 use crate::error::Result;
 use crate::sql::Analysis;
 
+// Built once per request and moved once into the relay; boxing the capture would add an allocation per miss.
+#[allow(clippy::large_enum_variant)]
 pub enum Outcome {
     Hit(Arc<Entry>),
     /// Forward the request; its reply fills the cache.
@@ -30,6 +33,8 @@ pub struct Miss<'a> {
     /// The Bind after its statement name, and the statement (extended protocol).
     pub bind: Option<&'a [u8]>,
     pub statement: Option<&'a crate::state::Statement>,
+    /// The session's settings (the shared tier keys by their output-changing text).
+    pub settings: &'a crate::state::settings::Settings,
 }
 
 /// After a miss of `m.key`: whether the request may be cached and who fills it.
@@ -60,8 +65,25 @@ pub async fn miss(cache: &Arc<Cache>, pool: &Arc<Pool>, wait: Duration, m: &Miss
         match cache.lookup(key, sql, |d, at| writes.wrote_since(d, at)) {
             Lookup::Hit(e) => return Ok(Outcome::Hit(e)),
             Lookup::Fill(fill) => {
-                let deps = cache.generations.snapshot(&tables, point);
-                return Ok(Outcome::Fill(Capture::new(cache.clone(), fill, deps, decision.ttl)));
+                let started = tokio::time::Instant::now();
+                let deps = cache.generations.snapshot(&tables, point.as_ref().map(|p| Point { ..*p }));
+                let shared = match &cache.shared {
+                    Some(tier) => match shared_lookup(tier, pool, m, &tables, point.as_ref()).await {
+                        Found::Hit { bytes, ttl } => {
+                            let ttl = ttl.min(decision.ttl);
+                            let upstream_us = 0;
+                            let entry =
+                                Entry { bytes, deps, filled_at: started, expires: started + ttl, stats: fill.stats.clone(), upstream_us };
+                            let e = cache.store_shared(fill.key.clone(), entry);
+                            cache.finish(&fill);
+                            return Ok(Outcome::Hit(e));
+                        }
+                        Found::Miss(f) => Some(f),
+                        Found::Skip => None,
+                    },
+                    None => None,
+                };
+                return Ok(Outcome::Fill(Capture::new(cache.clone(), fill, deps, decision.ttl).shared(shared)));
             }
             Lookup::Wait(notify) => {
                 // Wait for the identical request in flight, then look again.
@@ -74,6 +96,14 @@ pub async fn miss(cache: &Arc<Cache>, pool: &Arc<Pool>, wait: Duration, m: &Miss
             }
         }
     }
+}
+
+/// The shared tier's answer for `m` (its key material built only here, on a local miss).
+async fn shared_lookup(tier: &Arc<Shared>, pool: &Pool, m: &Miss<'_>, tables: &[String], point: Option<&Point<'_>>) -> Found {
+    let output = crate::state::settings::output_text(m.settings);
+    let statement = m.statement.map(|s| (&s.query[..], &s.types[..]));
+    let Some(material) = shared::material(m.key, &pool.key.database, &pool.key.user, &output, statement) else { return Found::Skip };
+    tier.find(material, Shared::fields(tables, point)).await
 }
 
 /// What the catalog says of `tables`: looked up once (then every 30 s) on a server connection of the client's

@@ -16,6 +16,7 @@ fn cache() -> Arc<Cache> {
         default_ttl: Duration::from_secs(1),
         notify: false,
         notify_channel: "pgsurge_invalidate".into(),
+        redis: false,
         rules: vec![],
     }))
 }

@@ -5,6 +5,10 @@ use std::time::Duration;
 
 use super::{AuthMethod, Config, LogFormat};
 
+fn path(p: &Option<std::path::PathBuf>) -> String {
+    p.as_ref().map(|p| p.display().to_string()).unwrap_or_default()
+}
+
 fn dur(d: Duration) -> String {
     humantime::format_duration(d).to_string()
 }
@@ -21,6 +25,13 @@ pub const RESTART_KEYS: &[&str] = &[
     "cache.max_entry_bytes",
     "cache.default_ttl",
     "cache.rules",
+    "unix_socket_dir",
+    "logfile",
+    "pidfile",
+    "cache.redis",
+    "redis_url",
+    "redis_timeout",
+    "redis_prefix",
 ];
 
 pub fn rows(c: &Config) -> Vec<(&'static str, String, &'static str, bool)> {
@@ -50,7 +61,7 @@ pub fn rows(c: &Config) -> Vec<(&'static str, String, &'static str, bool)> {
         ("server_tcp_keepintvl", dur(c.server_tcp.interval), "10s"),
         ("server_tcp_keepcnt", c.server_tcp.count.to_string(), "3"),
         ("tcp_user_timeout", dur(c.server_tcp.user_timeout), "1m"),
-        ("client_login_timeout", dur(c.client_login_timeout), "1m"),
+        ("client_login_timeout", dur(c.client_login_timeout), "10s"),
         ("shutdown_timeout", dur(c.shutdown_timeout), "30s"),
         ("auth_type", auth.into(), "scram-sha-256"),
         ("max_message_size", c.max_message_size.to_string(), "268435456"),
@@ -69,11 +80,18 @@ pub fn rows(c: &Config) -> Vec<(&'static str, String, &'static str, bool)> {
         ("cache.max_entry_bytes", c.cache.max_entry_bytes.to_string(), "1048576"),
         ("cache.default_ttl", dur(c.cache.default_ttl), "1s"),
         ("cache.rules", c.cache.rules.len().to_string(), "0"),
+        ("cache.redis", c.cache.redis.to_string(), "false"),
+        ("redis_url", c.redis.as_ref().map(|r| crate::redis::redact(&r.url)).unwrap_or_default(), ""),
+        ("redis_timeout", c.redis.as_ref().map(|r| dur(r.timeout)).unwrap_or_default(), "5ms"),
+        ("redis_prefix", c.redis.as_ref().map(|r| r.prefix.clone()).unwrap_or_default(), "pgsurge:"),
         ("batch.enabled", c.batch.enabled.to_string(), "false"),
         ("batch.max_batch_size", c.batch.max_batch_size.to_string(), "500"),
         ("batch.max_wait", dur(c.batch.max_wait), "0s"),
         ("slow_query_threshold", dur(c.slow_query_threshold), "0 (no slow lane)"),
         ("slow_pool_share", c.slow_pool_share.to_string(), "0.5"),
+        ("unix_socket_dir", path(&c.unix_socket_dir), "(none; /tmp from a pgbouncer.ini)"),
+        ("logfile", path(&c.logfile), ""),
+        ("pidfile", path(&c.pidfile), ""),
     ];
     v.into_iter().map(|(k, val, d)| (k, val, d, !RESTART_KEYS.contains(&k))).collect()
 }

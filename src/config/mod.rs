@@ -1,6 +1,7 @@
 //! Typed, validated configuration: flags > environment > file > defaults, resolved into databases and users.
 
 mod authfile;
+pub mod ini;
 pub mod keys;
 mod network;
 pub mod reload;
@@ -63,6 +64,19 @@ pub struct Database {
     pub user: Option<(String, Option<String>)>,
     pub pool_size: usize,
     pub pool_mode: PoolMode,
+    /// pgbouncer.ini extras: kept open even when idle (else the global `min_pool_size`) ...
+    pub min_pool_size: Option<usize>,
+    /// ... run on each new server connection ...
+    pub connect_query: Option<String>,
+    /// ... startup parameters sent upstream (client_encoding, datestyle, timezone) ...
+    pub startup: BTreeMap<String, String>,
+    /// ... a server lifetime of its own ...
+    pub server_lifetime: Option<Duration>,
+    /// ... a reserve pool of its own ...
+    pub reserve_pool_size: Option<usize>,
+    /// ... and auth_query settings of its own: look secrets up as this user, in that configured database.
+    pub auth_user: Option<String>,
+    pub auth_dbname: Option<String>,
 }
 
 /// A user clients may log in as, with what pgsurge knows of its password.
@@ -118,6 +132,19 @@ pub struct Config {
     pub slow_query_threshold: Duration,
     /// ... and may hold this share of each pool's server connections (at least one).
     pub slow_pool_share: f64,
+    /// Extra server connections per pool for clients that waited `reserve_pool_timeout` (0: none).
+    pub reserve_pool_size: usize,
+    pub reserve_pool_timeout: Duration,
+    /// Directory of the Unix-domain socket `.s.PGSQL.<port>` (None: TCP only).
+    pub unix_socket_dir: Option<std::path::PathBuf>,
+    /// Log lines are appended here too (PgBouncer's `logfile`).
+    pub logfile: Option<std::path::PathBuf>,
+    /// The process id is written here at start.
+    pub pidfile: Option<std::path::PathBuf>,
+    /// Keys of a pgbouncer.ini read but not applied, with why.
+    pub ignored: Vec<String>,
+    /// Redis shared by the instances (`redis_url`): global rate limits and the shared cache tier (src/redis.rs).
+    pub redis: Option<crate::redis::RedisConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -129,6 +156,18 @@ fn bad(msg: impl Into<String>) -> ConfigError {
 }
 
 impl Config {
+    /// Server connections pgsurge may open at most, estimated for the open-files check: every database's pool for
+    /// each configured user (one when none is configured or the database forces its login user).
+    pub fn server_conn_estimate(&self) -> usize {
+        let users = self.users.len().max(1);
+        let biggest_user_pool = self.users.values().filter_map(|u| u.pool_size).max().unwrap_or(0);
+        let per_db = |d: &Database| match d.user {
+            Some(_) => d.pool_size,
+            None => d.pool_size.max(biggest_user_pool) * users,
+        };
+        self.databases.values().map(per_db).sum::<usize>().max(self.pool_size)
+    }
+
     /// Reads the file named by `cli.config` (if any) under the flags/env already in `cli`, and builds.
     pub fn load(cli: Settings) -> Result<Config, ConfigError> {
         let file = match &cli.config {
@@ -195,6 +234,13 @@ impl Config {
                     user: None,
                     pool_size,
                     pool_mode,
+                    min_pool_size: None,
+                    connect_query: None,
+                    startup: BTreeMap::new(),
+                    server_lifetime: None,
+                    auth_user: None,
+                    auth_dbname: None,
+                    reserve_pool_size: None,
                 },
             );
         }
@@ -205,6 +251,13 @@ impl Config {
             }
         }
         for (name, u) in &s.users {
+            if u.settings_only {
+                // pgbouncer.ini [users]: pool settings for a user that logs in as auth_file/auth_query say.
+                if let Some(known) = users.get_mut(name) {
+                    known.pool_size = u.pool_size.or(known.pool_size);
+                }
+                continue;
+            }
             let auth = match &u.auth_type {
                 Some(a) => parse_auth(a)?,
                 None => auth_type,
@@ -241,6 +294,13 @@ impl Config {
                     user: d.user.clone().map(|u| (u, d.password.clone())),
                     pool_size: d.pool_size.unwrap_or(pool_size),
                     pool_mode: db_mode,
+                    min_pool_size: d.min_pool_size,
+                    connect_query: d.connect_query.clone(),
+                    startup: d.startup.clone(),
+                    server_lifetime: d.server_lifetime.map(|x| x.0),
+                    auth_user: d.auth_user.clone(),
+                    auth_dbname: d.auth_dbname.clone(),
+                    reserve_pool_size: d.reserve_pool_size,
                 },
             );
         }
@@ -250,9 +310,17 @@ impl Config {
         if users.is_empty() {
             return Err(bad("no users: give --upstream with a user and password, --auth-file, or [users] sections"));
         }
-        let limits = crate::limit::LimitConfig::build(&s)?;
-        let cache_flags = crate::cache::config::CacheFlags { enabled: s.cache_flag, ttl: s.cache_ttl, notify: s.cache_notify };
+        let limits = crate::limit::LimitConfig::build(&client_caps(&s))?;
+        let cache_flags =
+            crate::cache::config::CacheFlags { enabled: s.cache_flag, ttl: s.cache_ttl, notify: s.cache_notify, redis: s.cache_redis };
+        let redis = match s.redis_url.as_deref().filter(|u| !u.is_empty()) {
+            Some(u) => Some(crate::redis::RedisConfig::build(u, s.redis_timeout.map(|d| d.0), s.redis_prefix.as_deref()).map_err(bad)?),
+            None => None,
+        };
         let cache = crate::cache::config::CacheConfig::build(&s.cache, cache_flags).map_err(bad)?;
+        if cache.redis && redis.is_none() {
+            return Err(bad("cache.redis (--cache-redis) needs redis_url (--redis)"));
+        }
         let batch = crate::cache::config::BatchConfig::build(&s.batch, s.batch_flag).map_err(bad)?;
         let slow_pool_share = s.slow_pool_share.unwrap_or(0.5);
         if !(slow_pool_share > 0.0 && slow_pool_share <= 1.0) {
@@ -261,6 +329,7 @@ impl Config {
         Ok(Config {
             slow_query_threshold: s.slow_query_threshold.map(|d| d.0).unwrap_or_default(),
             slow_pool_share,
+            redis,
             limits,
             cache,
             batch,
@@ -276,7 +345,7 @@ impl Config {
             server_idle_timeout: s.server_idle_timeout.map(|d| d.0).unwrap_or(Duration::from_secs(600)),
             server_check_delay: s.server_check_delay.map(|d| d.0).unwrap_or(Duration::from_secs(1)),
             server_tcp,
-            client_login_timeout: s.client_login_timeout.map(|d| d.0).unwrap_or(Duration::from_secs(60)),
+            client_login_timeout: s.client_login_timeout.map(|d| d.0).unwrap_or(Duration::from_secs(10)),
             shutdown_timeout: s.shutdown_timeout.map(|d| d.0).unwrap_or(Duration::from_secs(30)),
             auth_type,
             max_message_size,
@@ -293,8 +362,44 @@ impl Config {
             server_tls,
             databases,
             users,
+            unix_socket_dir: s.unix_socket_dir.as_deref().filter(|d| !d.is_empty()).map(std::path::PathBuf::from),
+            logfile: s.logfile.clone(),
+            reserve_pool_size: s.reserve_pool_size.unwrap_or(0),
+            reserve_pool_timeout: s.reserve_pool_timeout.map(|d| d.0).unwrap_or(Duration::from_secs(5)),
+            pidfile: s.pidfile.clone(),
+            ignored: s.ignored.clone(),
         })
     }
+
+    /// Where the Unix-domain socket lives: `<unix_socket_dir>/.s.PGSQL.<listen port>`.
+    pub fn unix_socket_path(&self) -> Option<std::path::PathBuf> {
+        let port = self.listen.rsplit(':').next()?;
+        Some(self.unix_socket_dir.as_ref()?.join(format!(".s.PGSQL.{port}")))
+    }
+}
+
+/// PgBouncer's client caps (`max_db_client_connections`, `max_user_client_connections`, global and per
+/// database/user) are connection caps of the `[limits]` table; one written there wins.
+fn client_caps(s: &Settings) -> Settings {
+    let mut s = s.clone();
+    let l = &mut s.limits;
+    if let Some(n) = s.max_db_client_connections.filter(|n| *n > 0) {
+        l.per_database.max_connections.get_or_insert(n);
+    }
+    if let Some(n) = s.max_user_client_connections.filter(|n| *n > 0) {
+        l.per_user.max_connections.get_or_insert(n);
+    }
+    for (name, d) in &s.databases {
+        if let Some(n) = d.max_db_client_connections.filter(|n| *n > 0) {
+            l.databases.entry(name.clone()).or_default().max_connections.get_or_insert(n);
+        }
+    }
+    for (name, u) in &s.users {
+        if let Some(n) = u.max_user_client_connections.filter(|n| *n > 0) {
+            l.users.entry(name.clone()).or_default().max_connections.get_or_insert(n);
+        }
+    }
+    s
 }
 
 /// PgBouncer's default lookup; needs a superuser, or use a SECURITY DEFINER function (see README).
@@ -349,6 +454,12 @@ fn list(s: &Option<String>) -> Vec<String> {
 
 fn read_file(path: &Path) -> Result<Settings, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|e| bad(format!("{}: {e}", path.display())))?;
+    if ini::is_ini(&text) {
+        let ini = ini::read(path)?;
+        let mut s = ini.settings;
+        s.ignored = ini.ignored;
+        return Ok(s);
+    }
     toml::from_str(&text).map_err(|e| bad(format!("{}: {e}", path.display())))
 }
 

@@ -1,5 +1,5 @@
 //! What a reload may change: the keys that need a restart keep their running values (and are named in the
-//! notes), and a database whose upstream moved is noted (its open pool keeps the old one).
+//! notes), and a database whose upstream moved is noted (new clients get a pool at the new upstream).
 
 use super::{keys, Config};
 
@@ -8,7 +8,7 @@ use super::{keys, Config};
 pub struct Unapplied {
     /// Keys that need a restart, said in a sentence each.
     pub notes: Vec<String>,
-    /// Databases whose upstream (host, port or dbname) changed: a pool already open keeps the old one.
+    /// Databases whose upstream (host, port or dbname) changed: their open pools are retired.
     pub moved: Vec<String>,
 }
 
@@ -23,6 +23,8 @@ pub fn prepare(old: &Config, new: &mut Config) -> Unapplied {
     (new.listen, new.admin_listen, new.workers, new.own_session, new.log_format) =
         (old.listen.clone(), old.admin_listen.clone(), old.workers, old.own_session, old.log_format);
     new.cache = old.cache.clone();
+    (new.unix_socket_dir, new.logfile, new.pidfile) = (old.unix_socket_dir.clone(), old.logfile.clone(), old.pidfile.clone());
+    new.redis = old.redis.clone();
     let moved = new
         .databases
         .iter()

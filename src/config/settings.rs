@@ -65,6 +65,10 @@ macro_rules! settings {
             #[arg(long = "cache-notify", env = "PGSURGE_CACHE_NOTIFY", num_args = 0..=1, default_missing_value = "true")]
             #[serde(skip)]
             pub cache_notify: Option<bool>,
+            /// Keep the read cache's entries in Redis too, shared by every instance (same as `[cache] redis`; needs --redis).
+            #[arg(long = "cache-redis", env = "PGSURGE_CACHE_REDIS", num_args = 0..=1, default_missing_value = "true")]
+            #[serde(skip)]
+            pub cache_redis: Option<bool>,
             /// `[batch]` table (file only; `--batch` below switches it on).
             #[arg(skip)]
             #[serde(default)]
@@ -77,6 +81,10 @@ macro_rules! settings {
             #[arg(skip)]
             #[serde(default)]
             pub limits: crate::limit::LimitSettings,
+            /// Keys of a pgbouncer.ini that were read but not applied, with why (logged once; not a key).
+            #[arg(skip)]
+            #[serde(skip)]
+            pub ignored: Vec<String>,
             /// Subcommand (`demo`); not a config key.
             #[command(subcommand)]
             #[serde(skip)]
@@ -94,8 +102,10 @@ macro_rules! settings {
                 if self.cache_flag.is_none() { self.cache_flag = lower.cache_flag; }
                 if self.cache_ttl.is_none() { self.cache_ttl = lower.cache_ttl; }
                 if self.cache_notify.is_none() { self.cache_notify = lower.cache_notify; }
+                if self.cache_redis.is_none() { self.cache_redis = lower.cache_redis; }
                 if self.batch == Default::default() { self.batch = lower.batch; }
                 if self.batch_flag.is_none() { self.batch_flag = lower.batch_flag; }
+                self.ignored.extend(lower.ignored);
                 self
             }
         }
@@ -256,6 +266,48 @@ settings! {
     /// Share of each pool's server connections slow statements may hold, in (0, 1] (at least one connection).
     #[arg(long, env = "PGSURGE_SLOW_POOL_SHARE")]
     slow_pool_share: f64,
+    /// Online restart (PgBouncer's `-R`): ask the running instance on the Unix socket to drain and stop, then take
+    /// its place.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    #[serde(skip)]
+    reboot: bool,
+    /// Directory of a Unix-domain socket `.s.PGSQL.<listen port>` clients may connect to as well ("" : none).
+    #[arg(long, env = "PGSURGE_UNIX_SOCKET_DIR")]
+    unix_socket_dir: String,
+    /// Also write the log to this file (appended), as PgBouncer's `logfile`.
+    #[arg(long, env = "PGSURGE_LOGFILE")]
+    logfile: PathBuf,
+    /// Write the process id to this file at start, remove it at exit.
+    #[arg(long, env = "PGSURGE_PIDFILE")]
+    pidfile: PathBuf,
+    /// Extra server connections a pool may open when a client has waited `reserve_pool_timeout` (0: none).
+    #[arg(long, env = "PGSURGE_RESERVE_POOL_SIZE")]
+    reserve_pool_size: usize,
+    /// How long a client waits before the reserve pool may serve it.
+    #[arg(long, env = "PGSURGE_RESERVE_POOL_TIMEOUT")]
+    reserve_pool_timeout: Dur,
+    /// Client connections each database may have at once (0: no cap; per database in [databases]).
+    #[arg(long, env = "PGSURGE_MAX_DB_CLIENT_CONNECTIONS")]
+    max_db_client_connections: usize,
+    /// Client connections each user may have at once (0: no cap; per user in [users]).
+    #[arg(long, env = "PGSURGE_MAX_USER_CLIENT_CONNECTIONS")]
+    max_user_client_connections: usize,
+    /// A client idle (outside a transaction) longer than this is closed (0: never).
+    #[arg(long, env = "PGSURGE_CLIENT_IDLE_TIMEOUT")]
+    client_idle_timeout: Dur,
+    /// After a failed server login, wait this long before trying that pool's server again.
+    #[arg(long, env = "PGSURGE_SERVER_LOGIN_RETRY")]
+    server_login_retry: Dur,
+    /// Redis shared by every instance: global rate limits (and the shared cache tier with --cache-redis).
+    /// redis://[user:password@]host:port[/db] or rediss:// (TLS).
+    #[arg(long = "redis", env = "PGSURGE_REDIS_URL")]
+    redis_url: String,
+    /// Longest a request waits for one Redis call before deciding without it (local limits, cache skipped).
+    #[arg(long, env = "PGSURGE_REDIS_TIMEOUT")]
+    redis_timeout: Dur,
+    /// Prefix of every Redis key pgsurge writes.
+    #[arg(long, env = "PGSURGE_REDIS_PREFIX")]
+    redis_prefix: String,
 }
 
 /// Subcommands beside the proxy itself.
@@ -298,6 +350,21 @@ pub struct DatabaseSettings {
     pub password: Option<String>,
     pub pool_size: Option<usize>,
     pub pool_mode: Option<String>,
+    pub min_pool_size: Option<usize>,
+    pub reserve_pool_size: Option<usize>,
+    /// Server connections all pools of this database may hold together.
+    pub max_db_connections: Option<usize>,
+    /// Client connections this database may have at once.
+    pub max_db_client_connections: Option<usize>,
+    /// SQL run on each new server connection of this database.
+    pub connect_query: Option<String>,
+    /// Startup parameters sent upstream (`client_encoding`, `datestyle`, `timezone`).
+    #[serde(default)]
+    pub startup: BTreeMap<String, String>,
+    /// auth_query for this database's clients: look secrets up as this user (in `auth_dbname`).
+    pub auth_user: Option<String>,
+    pub auth_dbname: Option<String>,
+    pub server_lifetime: Option<Dur>,
 }
 
 /// `port` of a `[databases.NAME]` section: a number, or a string of comma-separated numbers (one per host).
@@ -328,4 +395,13 @@ pub struct UserSettings {
     /// scram-sha-256 | md5 | trust for this user.
     pub auth_type: Option<String>,
     pub pool_size: Option<usize>,
+    pub reserve_pool_size: Option<usize>,
+    pub pool_mode: Option<String>,
+    /// Server connections all pools of this user may hold together.
+    pub max_user_connections: Option<usize>,
+    /// Client connections this user may have at once.
+    pub max_user_client_connections: Option<usize>,
+    /// From a pgbouncer.ini `[users]` line: pool settings only; the user logs in as auth_file/auth_query say.
+    #[serde(skip)]
+    pub settings_only: bool,
 }

@@ -7,8 +7,9 @@ use parking_lot::Mutex;
 /// Room made for one read: a typical request, or a good part of a large one.
 pub const CHUNK: usize = 8 * 1024;
 
-/// Buffers kept for reuse at most (the rest are freed): 32 MiB.
-const KEEP: usize = 4096;
+/// Buffers kept for reuse at most (the rest are freed): 512 KiB. Enough for the clients reading at one moment;
+/// more would be memory held after a crowd of clients has gone (4,096 kept 32 MiB after 10,000 clients left).
+const KEEP: usize = 64;
 
 #[derive(Default)]
 pub struct Buffers {
@@ -21,10 +22,14 @@ impl Buffers {
         self.free.lock().pop().unwrap_or_else(|| BytesMut::with_capacity(CHUNK))
     }
 
-    /// Takes back an empty buffer. One that grew for a large message is freed rather than kept.
+    /// Takes back an empty buffer. One that grew for a large message, or a small one (the handshake's), is freed
+    /// rather than kept.
     pub fn give(&self, mut b: BytesMut) {
         debug_assert!(b.is_empty());
         b.clear();
+        if b.capacity() < CHUNK / 2 {
+            return;
+        }
         // Reclaims the whole allocation once nothing else shares it (a parsed input no longer alive).
         b.reserve(CHUNK);
         if b.capacity() > 4 * CHUNK {

@@ -31,10 +31,13 @@ pub struct LoggedIn {
     /// AuthenticationOk and ParameterStatus, not yet written: the session appends BackendKeyData and
     /// ReadyForQuery and sends all in one write.
     pub greeting: BytesMut,
+    /// Let into the console by its Unix-socket credentials (PgBouncer's rule for the user `pgbouncer`).
+    pub peer_admin: bool,
 }
 
 pub enum Target {
-    Pool(Arc<Pool>, Database),
+    /// Boxed: a client's task holds it for its whole life (see listener.rs's task-size test).
+    Pool(Arc<Pool>, Box<Database>),
     Admin,
 }
 
@@ -50,6 +53,8 @@ pub struct Handshake<'a> {
     pub passthrough: Option<ClientCredential>,
     /// (user, database) once the startup packet named them, for the log line of a refused connection.
     pub who: &'a mut Option<(String, String)>,
+    /// A Unix-socket peer running as pgsurge's own OS user: as `pgbouncer` it gets the console without a password.
+    pub peer_admin: bool,
 }
 
 impl Handshake<'_> {
@@ -121,16 +126,27 @@ impl Handshake<'_> {
         }
         let is_admin_db = ADMIN_DATABASES.contains(&database.as_str());
         let db = if is_admin_db { None } else { Some(self.app.database(&database)?) };
+        if self.app.ops.is_disabled(&database) {
+            return Err(Error::DatabaseDisabled(database));
+        }
+        let peer_admin = self.peer_admin && is_admin_db && user == "pgbouncer";
         let mut known = cfg.users.get(&user).cloned();
         if let (None, Some(db)) = (&known, &db) {
             known = self.app.auth_query_user(db, &user).await?;
         }
-        self.authenticate(&user, known.as_ref()).await?;
-        let user_cfg = known.ok_or_else(|| Error::AuthFailed(user.clone()))?;
+        let user_cfg = if peer_admin {
+            User { name: user.clone(), secret: Secret::None, auth: AuthMethod::Trust, pool_size: None }
+        } else {
+            self.authenticate(&user, known.as_ref()).await?;
+            known.ok_or_else(|| Error::AuthFailed(user.clone()))?
+        };
         let client_settings = crate::state::settings::from_startup(&params);
         // Connection caps and rates: refused here (FATAL 53300) before any server work for this client.
+        // The console counts against client caps too, except for its admins (so they can always get in).
+        let console_admin = peer_admin || cfg.admin_users.contains(&user);
         let admission = match &db {
-            Some(d) => Some(self.app.limits.admit(&user, &d.name, self.addr.ip())?),
+            Some(d) => Some(self.app.limits.admit(&user, &d.name, self.addr.ip()).await?),
+            None if !console_admin => Some(self.app.limits.admit(&user, &database, self.addr.ip()).await?),
             None => None,
         };
 
@@ -152,7 +168,7 @@ impl Handshake<'_> {
             }
             Some(db) => {
                 let pool = self.app.pool(&db, &user_cfg)?;
-                if let Some(cred) = self.passthrough.take() {
+                if let Some(cred) = self.passthrough.take().filter(|_| db.user.is_none()) {
                     pool.set_credential(UpstreamCredential::Scram(cred));
                 }
                 let reported = match pool.login_params() {
@@ -161,6 +177,8 @@ impl Handshake<'_> {
                         // First client of this pool: one server login tells us what to report.
                         let mut c = pool.checkout(cfg.query_wait_timeout).await?;
                         c.state = crate::backend::ReleaseState::Clean;
+                        // A login probe, not a client's assignment (SHOW STATS counts those).
+                        pool.stats.checkouts.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                         c.conn_ref().reported.clone()
                     }
                 };
@@ -169,10 +187,10 @@ impl Handshake<'_> {
                     let v = params.iter().rev().find(|(n, _)| n.eq_ignore_ascii_case(k)).map(|(_, v)| v).unwrap_or(v);
                     encode::put_parameter_status(&mut out, k, v);
                 }
-                Target::Pool(pool, db)
+                Target::Pool(pool, Box::new(db))
             }
         };
-        Ok(Some(LoggedIn { user, database, params: client_settings, target, admission, greeting: out }))
+        Ok(Some(LoggedIn { user, database, params: client_settings, target, admission, greeting: out, peer_admin }))
     }
 }
 

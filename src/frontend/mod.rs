@@ -3,6 +3,7 @@
 //! the server connection (`relay.rs`, `forward.rs`, the owed-replies queue `expect.rs`, `retry.rs`), and the slow
 //! lane's client half (`slow.rs`: a checkout's class, each request's run time).
 
+pub mod accept;
 pub mod buffers;
 pub mod conn;
 pub mod expect;
@@ -14,3 +15,4 @@ pub mod relay;
 pub mod retry;
 pub mod session;
 pub mod slow;
+pub mod unix;

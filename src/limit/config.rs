@@ -26,6 +26,8 @@ pub struct RuleSettings {
     pub connections_per_second: Option<u32>,
     /// Concurrent client connections.
     pub max_connections: Option<usize>,
+    /// With `redis_url`: `max_connections` counts the connections of every instance (else each instance's own).
+    pub global: Option<bool>,
 }
 
 /// `[limits.address_groups.NAME]`: clients from these networks share one set of address limits.
@@ -75,6 +77,8 @@ pub struct Rule {
     pub tps: Option<Rate>,
     pub cps: Option<Rate>,
     pub max_connections: Option<usize>,
+    /// `max_connections` is counted across instances through Redis.
+    pub global_connections: bool,
 }
 
 impl Rule {
@@ -196,6 +200,7 @@ impl LimitConfig {
                 tps: rate("tps", r.tps)?,
                 cps: rate("connections_per_second", r.connections_per_second)?,
                 max_connections: r.max_connections.filter(|&n| n > 0),
+                global_connections: r.global.unwrap_or(false),
             })
         };
         let mut per_user = l.per_user.clone();

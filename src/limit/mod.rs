@@ -8,6 +8,8 @@
 mod budget;
 mod config;
 mod fair;
+mod global;
+mod lease;
 mod rate;
 mod report;
 mod timers;
@@ -96,15 +98,30 @@ struct Rules {
     rates: HashMap<(Scope, Kind, String), Arc<KeyedRate>>,
 }
 
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Qps => "qps",
+            Kind::Tps => "tps",
+            Kind::Cps => "cps",
+        }
+    }
+}
+
 impl Rules {
-    fn build(cfg: &LimitConfig, gen: u64, old: Option<&Rules>) -> Rules {
+    /// With `redis`, every rate is global (shared by the instances on that Redis).
+    fn build(cfg: &LimitConfig, gen: u64, old: Option<&Rules>, redis: Option<&Arc<crate::redis::Redis>>) -> Rules {
         let mut rates = HashMap::new();
         let mut add = |scope: Scope, name: &str, rule: &Rule| {
             for (kind, rate) in [(Kind::Qps, rule.qps), (Kind::Tps, rule.tps), (Kind::Cps, rule.cps)] {
                 let Some(rate) = rate else { continue };
                 let id = (scope, kind, name.to_string());
                 let reuse = old.and_then(|o| o.rates.get(&id)).filter(|r| r.rate == rate).cloned();
-                rates.insert(id, reuse.unwrap_or_else(|| KeyedRate::new(rate)));
+                let new = || match redis {
+                    Some(r) => KeyedRate::global(rate, r.clone(), &format!("{}:{}:{name}", kind.name(), scope.name())),
+                    None => KeyedRate::new(rate),
+                };
+                rates.insert(id, reuse.unwrap_or_else(new));
             }
         };
         add(Scope::Global, "", &cfg.global);
@@ -131,8 +148,9 @@ impl Rules {
             Some(r) => (scope, key.clone(), r, key.to_string()),
             None => (scope, key.clone(), default, String::new()),
         };
-        v.push(pick(Scope::User, &who.user, c.users.get(&*who.user), &c.per_user));
+        // The database's caps are checked before the user's (a client over both is told about the database's).
         v.push(pick(Scope::Database, &who.db, c.databases.get(&*who.db), &c.per_database));
+        v.push(pick(Scope::User, &who.user, c.users.get(&*who.user), &c.per_user));
         match c.group_of(who.ip) {
             Some(i) => {
                 let g = group_key(&c.groups[i].0);
@@ -182,12 +200,23 @@ pub struct Limiter {
     /// Shared server-connection budgets by (User | Database, name).
     budgets: Mutex<HashMap<(Scope, String), Arc<FairQueue>>>,
     gen: AtomicU64,
+    /// Makes every rate global (`redis_url`).
+    redis: Option<Arc<crate::redis::Redis>>,
+    /// Connection caps counted across instances (`global = true`).
+    leases: Option<Arc<lease::Leases>>,
 }
 
 impl Limiter {
     pub fn new(cfg: &LimitConfig) -> Arc<Limiter> {
+        Limiter::shared(cfg, None)
+    }
+
+    /// A limiter whose rates are global through `redis` when given.
+    pub fn shared(cfg: &LimitConfig, redis: Option<Arc<crate::redis::Redis>>) -> Arc<Limiter> {
         Arc::new(Limiter {
-            rules: ArcSwap::from_pointee(Rules::build(cfg, 1, None)),
+            rules: ArcSwap::from_pointee(Rules::build(cfg, 1, None, redis.as_ref())),
+            leases: redis.clone().map(lease::Leases::new),
+            redis,
             conns: Mutex::new(HashMap::new()),
             stats: Mutex::new(HashMap::new()),
             address_stats: Default::default(),
@@ -203,7 +232,7 @@ impl Limiter {
             return;
         }
         let gen = self.gen.fetch_add(1, Ordering::Relaxed) + 1;
-        self.rules.store(Arc::new(Rules::build(cfg, gen, Some(&old))));
+        self.rules.store(Arc::new(Rules::build(cfg, gen, Some(&old), self.redis.as_ref())));
         // A cap set to 0 is gone: its waiters are let through and its pools stop drawing from it.
         self.budgets.lock().retain(|(scope, _), q| {
             let limit = if *scope == Scope::User { cfg.max_user_connections } else { cfg.max_db_connections };
@@ -253,14 +282,14 @@ impl Limiter {
 
     /// Admits a logged-in client or refuses it with 53300 (FATAL): connection rates first, then the caps on
     /// concurrent connections. Called before any server work for this client.
-    pub fn admit(self: &Arc<Self>, user: &str, db: &str, ip: IpAddr) -> Result<Admission> {
+    pub async fn admit(self: &Arc<Self>, user: &str, db: &str, ip: IpAddr) -> Result<Admission> {
         let ip = ip.to_canonical();
         let who = Who { user: user.into(), db: db.into(), ip, addr: Key::from(ip.to_string()) };
         let rules = self.rules.load_full();
         let scopes = rules.resolve(&who);
         for (scope, key, rule, name) in &scopes {
             let Some(rate) = rules.rates.get(&(*scope, Kind::Cps, name.clone())) else { continue };
-            if rate.check(key).is_err() {
+            if rate.take(key, Instant::now()).await.is_err() {
                 self.stats_for(*scope, key).conn_rejected.fetch_add(1, Ordering::Relaxed);
                 let per = rule.cps.map(|r| r.per_second).unwrap_or(0);
                 return Err(Error::TooManyConnections(format!(
@@ -269,22 +298,58 @@ impl Limiter {
                 )));
             }
         }
+        // Caps with `global = true` are counted in Redis; one Redis cannot count now is counted here, at this
+        // instance's share. `caps` is each scope's local cap (None: none, or counted in Redis).
+        let mut leased = vec![];
+        let mut caps = vec![];
+        for (scope, key, rule, _) in &scopes {
+            let cap = match (rule.max_connections, &self.leases) {
+                (Some(max), Some(leases)) if rule.global_connections => {
+                    let k = leases.key(scope.name(), key);
+                    match leases.acquire(&k, max).await {
+                        Some(true) => {
+                            leased.push(k);
+                            None
+                        }
+                        Some(false) => {
+                            self.stats_for(*scope, key).conn_rejected.fetch_add(1, Ordering::Relaxed);
+                            leased.into_iter().for_each(|k| leases.release(k));
+                            return Err(Error::TooManyConnections(format!(
+                                "too many connections for {} \"{key}\" across instances (max_connections = {max})",
+                                scope.name()
+                            )));
+                        }
+                        None => Some(max.div_ceil(self.redis.as_ref().map_or(1, |r| r.instances().max(1) as usize))),
+                    }
+                }
+                (max, _) => max,
+            };
+            caps.push(cap);
+        }
         let mut counted = vec![];
         {
             let mut conns = self.conns.lock();
-            for (scope, key, rule, _) in &scopes {
-                let Some(max) = rule.max_connections else { continue };
+            for ((scope, key, _, _), cap) in scopes.iter().zip(&caps) {
+                let Some(max) = *cap else { continue };
                 if conns.get(&(*scope, key.clone())).copied().unwrap_or(0) >= max {
                     drop(conns);
                     self.stats_for(*scope, key).conn_rejected.fetch_add(1, Ordering::Relaxed);
+                    if let Some(leases) = &self.leases {
+                        leased.into_iter().for_each(|k| leases.release(k));
+                    }
                     return Err(Error::TooManyConnections(format!(
-                        "too many connections for {} \"{key}\" (max_connections = {max})",
-                        scope.name()
+                        "too many connections for {} \"{key}\" (max_connections = {max}{})",
+                        scope.name(),
+                        match scope {
+                            Scope::Database => ", PgBouncer's max_db_client_connections",
+                            Scope::User => ", PgBouncer's max_user_client_connections",
+                            _ => "",
+                        }
                     )));
                 }
             }
-            for (scope, key, rule, _) in &scopes {
-                if rule.max_connections.is_some() {
+            for ((scope, key, _, _), cap) in scopes.iter().zip(&caps) {
+                if cap.is_some() {
                     *conns.entry((*scope, key.clone())).or_insert(0) += 1;
                     counted.push((*scope, key.clone()));
                 }
@@ -301,7 +366,7 @@ impl Limiter {
         };
         let plan = Arc::new(self.plan(&rules, &who));
         let (plan_gen, active) = (plan.gen, plan.is_active());
-        Ok(Admission { limiter: self.clone(), who, fair_key, counted, plan, plan_gen, active })
+        Ok(Admission { limiter: self.clone(), who, fair_key, counted, leased, plan, plan_gen, active })
     }
 
     /// The shared budgets a (database, user) pool draws from, if any cap is set.
@@ -344,6 +409,8 @@ pub struct Admission {
     /// Whose turn it is in shared budgets: the user, or the client address (`fairness`).
     pub fair_key: Key,
     counted: Vec<(Scope, Key)>,
+    /// Connections counted in Redis (global caps), by counts key.
+    leased: Vec<String>,
     plan: Arc<Plan>,
     /// `plan.gen` and whether the plan has any rate, kept here so the per-request check touches only this struct.
     plan_gen: u64,
@@ -405,6 +472,9 @@ impl Admission {
 
 impl Drop for Admission {
     fn drop(&mut self) {
+        if let Some(leases) = &self.limiter.leases {
+            self.leased.drain(..).for_each(|k| leases.release(k));
+        }
         if self.counted.is_empty() {
             return;
         }

@@ -12,6 +12,8 @@ use governor::{Quota, RateLimiter};
 use tokio::time::Instant;
 
 use super::config::Rate;
+use super::global::GlobalRate;
+use crate::redis::Redis;
 
 /// governor's clock, read from tokio's time (paused and advanced in tests).
 #[derive(Debug, Clone, Copy)]
@@ -39,15 +41,31 @@ pub struct KeyedRate {
     pub rate: Rate,
     limiter: RateLimiter<Key, DashMapStateStore<Key>, TokioClock, NoOpMiddleware<Nanos>>,
     clock: TokioClock,
+    /// With Redis: the rate is global across instances (limit/global.rs) and `limiter` is unused.
+    global: Option<GlobalRate>,
 }
 
 impl KeyedRate {
     pub fn new(rate: Rate) -> Arc<KeyedRate> {
+        Arc::new(KeyedRate::build(rate, None))
+    }
+
+    fn build(rate: Rate, global: Option<GlobalRate>) -> KeyedRate {
         let per_second = NonZeroU32::new(rate.per_second.max(1)).expect("nonzero");
         let burst = NonZeroU32::new(rate.burst.max(1)).expect("nonzero");
         let clock = TokioClock::default();
         let quota = Quota::per_second(per_second).allow_burst(burst);
-        Arc::new(KeyedRate { rate, limiter: RateLimiter::dashmap_with_clock(quota, clock), clock })
+        KeyedRate { rate, limiter: RateLimiter::dashmap_with_clock(quota, clock), clock, global }
+    }
+
+    /// A rate shared through Redis by every instance (`name` tells it apart from the other rates there).
+    pub fn global(rate: Rate, redis: Arc<Redis>, name: &str) -> Arc<KeyedRate> {
+        Arc::new(KeyedRate::build(rate, Some(GlobalRate::new(redis, name, rate))))
+    }
+
+    /// Whether this rate is shared through Redis.
+    pub fn is_global(&self) -> bool {
+        self.global.is_some()
     }
 
     /// Takes one token for `key` now, or says how long until one is free.
@@ -56,8 +74,18 @@ impl KeyedRate {
     }
 
     /// Takes one token, waiting until `deadline` at most. `Ok(true)`: it had to wait. `Err(d)`: no token by
-    /// the deadline; one is expected `d` from now.
+    /// the deadline; one is expected `d` from now. A global rate asks Redis, or its local share when Redis is away.
     pub async fn take(&self, key: &Key, deadline: Instant) -> Result<bool, Duration> {
+        match &self.global {
+            None => self.take_local(key, deadline).await,
+            Some(g) => match g.take(key, deadline).await {
+                Some(r) => r,
+                None => g.fallback().take_local(key, deadline).await,
+            },
+        }
+    }
+
+    async fn take_local(&self, key: &Key, deadline: Instant) -> Result<bool, Duration> {
         let mut waited = false;
         loop {
             match self.check(key) {
@@ -76,6 +104,9 @@ impl KeyedRate {
 
     /// Forgets keys whose bucket is full again (indistinguishable from a new key).
     pub fn retain_recent(&self) {
+        if let Some(g) = &self.global {
+            g.retain_recent();
+        }
         self.limiter.retain_recent();
         self.limiter.shrink_to_fit();
     }

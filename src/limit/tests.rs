@@ -25,7 +25,7 @@ async fn over_its_rate_a_client_is_delayed_then_refused_and_another_user_is_not(
     };
     let l = Limiter::new(&limits("", flags));
     let max_delay = l.config().max_delay;
-    let mut a = l.admit("a", "app", ip("127.0.0.1")).unwrap();
+    let mut a = l.admit("a", "app", ip("127.0.0.1")).await.unwrap();
     assert!(a.is_active());
     let start = Instant::now();
     a.request(2, false, max_delay).await.unwrap(); // the burst
@@ -40,7 +40,7 @@ async fn over_its_rate_a_client_is_delayed_then_refused_and_another_user_is_not(
     assert!(*retry_after > Duration::ZERO && *retry_after <= Duration::from_millis(200), "{retry_after:?}");
     assert!(message.contains("user \"a\""), "{message}");
 
-    let mut b = l.admit("b", "app", ip("127.0.0.1")).unwrap();
+    let mut b = l.admit("b", "app", ip("127.0.0.1")).await.unwrap();
     let t = Instant::now();
     b.request(2, false, max_delay).await.unwrap();
     assert_eq!(t.elapsed(), Duration::ZERO, "user b has its own bucket");
@@ -56,7 +56,7 @@ async fn over_its_rate_a_client_is_delayed_then_refused_and_another_user_is_not(
 #[tokio::test(start_paused = true)]
 async fn a_long_wait_bound_waits_instead_of_refusing() {
     let l = Limiter::new(&limits("[limits.per_user]\nqps = 10\nburst = 1\n", Settings::default()));
-    let mut a = l.admit("a", "app", ip("127.0.0.1")).unwrap();
+    let mut a = l.admit("a", "app", ip("127.0.0.1")).await.unwrap();
     let t = Instant::now();
     a.request(5, false, Duration::from_secs(30)).await.unwrap();
     assert_eq!(t.elapsed(), Duration::from_millis(400));
@@ -76,18 +76,18 @@ async fn connection_caps_and_rates_refuse_with_53300_and_release_on_drop() {
         Settings::default(),
     );
     let l = Limiter::new(&cfg);
-    let a1 = l.admit("a", "app", ip("127.0.0.1")).unwrap();
-    let _a2 = l.admit("a", "app", ip("127.0.0.1")).unwrap();
-    let e = l.admit("a", "app", ip("127.0.0.1")).err().unwrap();
+    let a1 = l.admit("a", "app", ip("127.0.0.1")).await.unwrap();
+    let _a2 = l.admit("a", "app", ip("127.0.0.1")).await.unwrap();
+    let e = l.admit("a", "app", ip("127.0.0.1")).await.err().unwrap();
     assert_eq!((e.sqlstate(), e.severity()), ("53300", crate::error::Severity::Fatal));
     drop(a1);
-    let _a3 = l.admit("a", "app", ip("127.0.0.1")).unwrap();
+    let _a3 = l.admit("a", "app", ip("127.0.0.1")).await.unwrap();
 
-    let _o = l.admit("b", "app", ip("10.1.2.3")).unwrap();
-    let e = l.admit("c", "app", ip("10.9.9.9")).err().unwrap();
+    let _o = l.admit("b", "app", ip("10.1.2.3")).await.unwrap();
+    let e = l.admit("c", "app", ip("10.9.9.9")).await.err().unwrap();
     assert!(e.to_string().contains("group:office"), "{e}");
     tokio::time::advance(Duration::from_secs(1)).await;
-    assert!(l.admit("c", "app", ip("10.9.9.9")).is_ok());
+    assert!(l.admit("c", "app", ip("10.9.9.9")).await.is_ok());
 }
 
 #[tokio::test(start_paused = true)]
@@ -95,7 +95,7 @@ async fn a_hundred_thousand_client_addresses_do_not_grow_memory_without_bound() 
     let l = Limiter::new(&limits("[limits.per_address]\nqps = 100\nmax_connections = 5\n", Settings::default()));
     for i in 0..100_000u32 {
         let addr = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
-        let mut a = l.admit("app", "app", addr).unwrap();
+        let mut a = l.admit("app", "app", addr).await.unwrap();
         a.request(1, false, Duration::ZERO).await.unwrap();
     }
     assert_eq!(l.tracked_keys(), 100_000);
@@ -109,7 +109,7 @@ async fn a_hundred_thousand_client_addresses_do_not_grow_memory_without_bound() 
 #[tokio::test(start_paused = true)]
 async fn a_reload_applies_new_rates_to_connected_clients_and_keeps_unchanged_buckets() {
     let l = Limiter::new(&limits("[limits.per_user]\nqps = 1\nburst = 1\n", Settings::default()));
-    let mut a = l.admit("a", "app", ip("127.0.0.1")).unwrap();
+    let mut a = l.admit("a", "app", ip("127.0.0.1")).await.unwrap();
     a.request(1, false, Duration::ZERO).await.unwrap();
     assert!(a.request(1, false, Duration::ZERO).await.is_err());
     l.reload(&limits("[limits.per_user]\nqps = 1\nburst = 1\n[limits.global]\nmax_connections = 1\n", Settings::default()));

@@ -201,6 +201,23 @@ pub fn put_text_row_description(out: &mut BytesMut, columns: &[&str]) {
     });
 }
 
+/// A RowDescription with a type OID per column (text format), for result sets whose numbers drivers should
+/// read as numbers.
+pub fn put_typed_row_description(out: &mut BytesMut, columns: &[(&str, u32)]) {
+    put_msg(out, ROW_DESCRIPTION, |b| {
+        b.put_i16(columns.len() as i16);
+        for (c, oid) in columns {
+            put_cstr(b, c);
+            b.put_u32(0); // table oid
+            b.put_i16(0); // column number
+            b.put_u32(*oid);
+            b.put_i16(if *oid == 20 { 8 } else { -1 });
+            b.put_i32(-1);
+            b.put_i16(0); // text format
+        }
+    });
+}
+
 pub fn put_data_row(out: &mut BytesMut, values: &[Option<&str>]) {
     put_msg(out, DATA_ROW, |b| {
         b.put_i16(values.len() as i16);

@@ -46,7 +46,10 @@ async fn an_auth_file_user_with_a_scram_secret_logs_in_upstream_by_passthrough()
 #[tokio::test]
 async fn md5_and_trust_can_be_chosen_per_user() {
     let mut users = std::collections::BTreeMap::new();
-    users.insert("app".to_string(), UserSettings { password: Some("app".into()), auth_type: Some("md5".into()), pool_size: None });
+    users.insert(
+        "app".to_string(),
+        UserSettings { password: Some("app".into()), auth_type: Some("md5".into()), pool_size: None, ..Default::default() },
+    );
     let proxy = Proxy::start(Settings { users, ..Default::default() }).await;
     let c = connect(&proxy.app_url()).await;
     assert_eq!(c.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0), 1);
@@ -54,7 +57,10 @@ async fn md5_and_trust_can_be_chosen_per_user() {
     assert_eq!(code(&err), "28P01");
 
     let mut users = std::collections::BTreeMap::new();
-    users.insert("app".to_string(), UserSettings { password: Some("app".into()), auth_type: Some("trust".into()), pool_size: None });
+    users.insert(
+        "app".to_string(),
+        UserSettings { password: Some("app".into()), auth_type: Some("trust".into()), pool_size: None, ..Default::default() },
+    );
     let proxy = Proxy::start(Settings { users, ..Default::default() }).await;
     let c = connect(&format!("host=127.0.0.1 port={} user=app dbname=app", proxy.addr.port())).await;
     assert_eq!(c.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0), 1);

@@ -18,7 +18,10 @@ use crate::harness::*;
 /// pgsurge with trust logins (hundreds of SCRAM handshakes would dominate a debug build), pool size 2.
 async fn proxy(batch: bool, admin: bool) -> Proxy {
     let mut users = BTreeMap::new();
-    users.insert("app".to_string(), UserSettings { password: Some("app".into()), auth_type: Some("trust".into()), pool_size: None });
+    users.insert(
+        "app".to_string(),
+        UserSettings { password: Some("app".into()), auth_type: Some("trust".into()), pool_size: None, ..Default::default() },
+    );
     Proxy::start(Settings {
         users,
         pool_size: Some(2),
@@ -290,7 +293,10 @@ async fn a_key_that_fails_the_cast_fails_only_its_own_lookup() {
     // A merge window, so the bad key always rides in a merged statement (with a free server and no window,
     // a lookup that arrives alone is sent alone and nothing would fall back).
     let mut users = BTreeMap::new();
-    users.insert("app".to_string(), UserSettings { password: Some("app".into()), auth_type: Some("trust".into()), pool_size: None });
+    users.insert(
+        "app".to_string(),
+        UserSettings { password: Some("app".into()), auth_type: Some("trust".into()), pool_size: None, ..Default::default() },
+    );
     let on = Proxy::start(Settings {
         users,
         pool_size: Some(2),
@@ -454,7 +460,10 @@ impl Observe for Proxy {
 async fn lookups_arriving_while_their_statement_runs_merge_behind_it_even_with_servers_free() {
     let t = table().await;
     let mut users = BTreeMap::new();
-    users.insert("app".to_string(), UserSettings { password: Some("app".into()), auth_type: Some("trust".into()), pool_size: None });
+    users.insert(
+        "app".to_string(),
+        UserSettings { password: Some("app".into()), auth_type: Some("trust".into()), pool_size: None, ..Default::default() },
+    );
     // 20 server connections for 16 clients: nobody ever waits for one; at most 20 / 4 = 5 of the statement run at once.
     let p = Proxy::start(Settings { users, pool_size: Some(20), batch_flag: Some(true), ..Default::default() }).await;
     let tasks: Vec<_> = (0..16)

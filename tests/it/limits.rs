@@ -142,7 +142,10 @@ async fn over_a_shared_database_budget_a_quiet_user_is_served_between_a_noisy_us
     let mut users = std::collections::BTreeMap::new();
     // trust logins: 200 SCRAM handshakes in a debug build would dominate the test
     for u in ["app", b.as_str()] {
-        users.insert(u.to_string(), UserSettings { password: Some(u.to_string()), auth_type: Some("trust".into()), pool_size: None });
+        users.insert(
+            u.to_string(),
+            UserSettings { password: Some(u.to_string()), auth_type: Some("trust".into()), pool_size: None, ..Default::default() },
+        );
     }
     let s = settings("max_db_connections = 4\nquery_wait_timeout = \"60s\"\n");
     let proxy = Proxy::start(Settings { auth_file: Some(file.clone()), users, ..s }).await;

@@ -65,7 +65,12 @@ async fn a_thousand_clients_over_a_pool_of_ten_all_get_their_own_answers() {
     let mut users = std::collections::BTreeMap::new();
     users.insert(
         "app".to_string(),
-        pgsurge::config::UserSettings { password: Some("app".into()), auth_type: Some("trust".into()), pool_size: None },
+        pgsurge::config::UserSettings {
+            password: Some("app".into()),
+            auth_type: Some("trust".into()),
+            pool_size: None,
+            ..Default::default()
+        },
     );
     let proxy = Proxy::start(Settings { users, ..pool(10) }).await;
     let url = format!("host=127.0.0.1 port={} user=app dbname=app", proxy.addr.port());

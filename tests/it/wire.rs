@@ -103,7 +103,12 @@ fn trusting() -> Settings {
     let mut users = std::collections::BTreeMap::new();
     users.insert(
         "app".to_string(),
-        pgsurge::config::UserSettings { password: Some("app".into()), auth_type: Some("trust".into()), pool_size: None },
+        pgsurge::config::UserSettings {
+            password: Some("app".into()),
+            auth_type: Some("trust".into()),
+            pool_size: None,
+            ..Default::default()
+        },
     );
     Settings { users, pool_size: Some(1), ..Default::default() }
 }
