@@ -11,9 +11,9 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use super::checkout::Checkout;
-pub use super::stats::{PoolStats, ServerInfo, WAIT_BUCKETS_US};
-use super::stats::Waiting;
 use super::server::{ServerConn, ServerTarget, UpstreamCredential};
+use super::stats::Waiting;
+pub use super::stats::{PoolStats, ServerInfo, WAIT_BUCKETS_US};
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
