@@ -131,3 +131,38 @@ fn write_and_close(stream: TcpStream, why: &str) {
         let _ = s.write(&out);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    /// What happens on EMFILE, minus running out: the spare is closed, every waiting connection is accepted,
+    /// answered FATAL 53300 and closed, and the spare is opened again.
+    #[tokio::test]
+    async fn waiting_connections_are_answered_53300_and_the_spare_comes_back() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut clients = vec![];
+        for _ in 0..3 {
+            clients.push(TcpStream::connect(addr).await.unwrap());
+        }
+        let mut acceptor = Acceptor { spare: open_spare(), fd_budget: usize::MAX, last_log: None, failures: 0, refused: 0 };
+        // The connections are queued by the kernel; the loop retries until the listener has seen them all.
+        let mut waited = 0;
+        while acceptor.refused < 3 && waited < 100 {
+            acceptor.refuse_waiting(&listener);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            waited += 1;
+        }
+        assert_eq!(acceptor.refused, 3);
+        assert!(acceptor.spare.is_some(), "the spare descriptor is open again");
+        for mut c in clients {
+            let mut got = vec![];
+            c.read_to_end(&mut got).await.unwrap();
+            assert_eq!(got[0], b'E');
+            let e = crate::protocol::view::ErrorView::parse(&got[5..]).unwrap();
+            assert_eq!(e.code, "53300");
+        }
+    }
+}
