@@ -160,6 +160,12 @@ async fn run_command(app: &Arc<App>, role: Role, command: &str, out: &mut BytesM
                 *s = (*s).max(Shutdown::Draining);
                 *s != was
             });
+            // Clients waiting for a server would wait in vain: they are told now (FATAL 57P01).
+            for c in app.ops.clients.snapshot() {
+                if let (Some(slot), crate::cancel::ClientState::Waiting) = (&c.slot, c.state()) {
+                    slot.stop();
+                }
+            }
             encode::put_command_complete(out, "SHUTDOWN");
             Ok(())
         }

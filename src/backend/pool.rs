@@ -130,31 +130,8 @@ impl Pool {
 
     /// Applies new settings; a size change takes effect at once for new checkouts.
     pub fn update_settings(&self, s: PoolSettings) {
-        let old = self.size.swap(s.size, Ordering::SeqCst);
-        if s.size > old {
-            self.permits.add_permits(s.size - old);
-        } else if s.size < old {
-            let permits = self.permits.clone();
-            let shrink = old - s.size;
-            tokio::spawn(async move {
-                // Take the permits back as checkouts end, then forget them.
-                if let Ok(p) = permits.acquire_many_owned(shrink as u32).await {
-                    p.forget();
-                }
-            });
-        }
-        let old = self.reserve_size.swap(s.reserve_size, Ordering::SeqCst);
-        if s.reserve_size > old {
-            self.reserve.add_permits(s.reserve_size - old);
-        } else if s.reserve_size < old {
-            let reserve = self.reserve.clone();
-            let shrink = (old - s.reserve_size) as u32;
-            tokio::spawn(async move {
-                if let Ok(p) = reserve.acquire_many_owned(shrink).await {
-                    p.forget();
-                }
-            });
-        }
+        resize(&self.permits, &self.size, s.size);
+        resize(&self.reserve, &self.reserve_size, s.reserve_size);
         self.lane.configure(s.size, s.slow_share, s.slow_threshold);
         self.target.lock().tcp = s.tcp;
         *self.settings.lock() = s;
@@ -354,8 +331,7 @@ impl Pool {
             let mut c = self.idle.lock().pop()?;
             let now = Instant::now();
             let expired = now.duration_since(c.created) >= s.lifetime;
-            // A peek (one non-blocking recv) catches a server that said goodbye while idle (Postgres restarting
-            // sends FATAL 57P01 to idle backends); busy pools reuse within milliseconds and skip it.
+            // A peek catches a server that said goodbye while idle (a restarting Postgres sends FATAL 57P01).
             let stale = now.duration_since(c.last_used) >= s.check_delay.min(PEEK_AFTER_IDLE) && !c.looks_alive();
             if expired || stale {
                 self.forget(c);
@@ -550,6 +526,21 @@ impl Pool {
                 Err(_) => break,
             }
         }
+    }
+}
+
+/// Grows a semaphore to `new` permits at once, or shrinks it by taking permits back as checkouts end.
+fn resize(sem: &Arc<Semaphore>, size: &AtomicUsize, new: usize) {
+    let old = size.swap(new, Ordering::SeqCst);
+    if new > old {
+        sem.add_permits(new - old);
+    } else if new < old {
+        let sem = sem.clone();
+        tokio::spawn(async move {
+            if let Ok(p) = sem.acquire_many_owned((old - new) as u32).await {
+                p.forget();
+            }
+        });
     }
 }
 

@@ -156,6 +156,8 @@ impl Relay {
                     biased;
                     r = pool.checkout_for(now, wait, fair, Some(timer), slow.is_some()) => r?,
                     _ = self.cancel.wait_cancelled() => return Err(Error::Canceled("user request")),
+                    // SHUTDOWN stops the clients still waiting for a server: none will come for them.
+                    _ = self.cancel.stopped() => return Err(Error::Shutdown),
                 };
                 if let Some(e) = slow {
                     e.lane_waited(now.elapsed());

@@ -221,6 +221,25 @@ mod tests {
         t.update(true, false);
         assert_eq!(t.fired().await, Fired::CancelUnanswered);
         assert_eq!(heard.elapsed(), Duration::from_secs(1));
+        // client_idle_timeout while idle outside a transaction; transaction_timeout from the transaction's start;
+        // a user's own value wins.
+        let mut cfg = LimitConfig { client_idle_timeout: Duration::from_secs(3), transaction_timeout: Duration::from_secs(7), ..cfg };
+        cfg.user_timeouts
+            .insert("u".into(), crate::limit::config::UserTimeouts { client_idle: Some(Duration::from_secs(1)), ..Default::default() });
+        let mut t = SessionTimers::for_user(&cfg, "u");
+        t.update_with(false, false, false);
+        assert_eq!(t.fired().await, Fired::ClientIdle);
+        let mut t = SessionTimers::for_user(&cfg, "other");
+        t.update_with(false, false, true);
+        let start = Instant::now();
+        t.update_with(true, false, true);
+        assert_eq!(t.fired().await, Fired::Query, "the statement's 2 s come first");
+        t.update_with(false, true, true);
+        assert_eq!(t.fired().await, Fired::IdleInTransaction);
+        assert_eq!(start.elapsed(), Duration::from_secs(7), "5 s idle after the 2 s statement");
+        let mut t = SessionTimers::for_user(&LimitConfig { transaction_timeout: Duration::from_secs(4), ..Default::default() }, "x");
+        t.update_with(true, false, true);
+        assert_eq!(t.fired().await, Fired::Transaction);
 
         let mut off = SessionTimers::new(&LimitConfig::default());
         off.update(true, true);
