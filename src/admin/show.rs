@@ -229,28 +229,7 @@ fn stats(app: &App) -> Table {
         "total_server_connects",
         "total_server_connect_failures",
     ]);
-    let mut by_db: BTreeMap<String, [u64; 9]> = BTreeMap::new();
-    for p in app.pools() {
-        let s = &p.stats;
-        let e = by_db.entry(p.key.database.clone()).or_default();
-        for (i, v) in [
-            s.checkouts.load(Ordering::Relaxed),
-            s.transactions.load(Ordering::Relaxed),
-            s.queries.load(Ordering::Relaxed),
-            s.bytes_to_server.load(Ordering::Relaxed),
-            s.bytes_to_client.load(Ordering::Relaxed),
-            s.wait_us_total.load(Ordering::Relaxed),
-            s.wait_timeouts.load(Ordering::Relaxed),
-            s.connects.load(Ordering::Relaxed),
-            s.connect_failures.load(Ordering::Relaxed),
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            e[i] += v;
-        }
-    }
-    for (db, v) in by_db {
+    for (db, v) in super::show_pgb::per_db(app) {
         t.row(row![db, v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8]]);
     }
     t

@@ -18,9 +18,10 @@ pub fn clients_by(app: &App, key: impl Fn(&crate::admin::ClientInfo) -> String) 
     m
 }
 
-/// Per database: assignments, transactions, queries, bytes in, bytes out, wait µs.
-fn per_db(app: &App) -> BTreeMap<String, [u64; 6]> {
-    let mut by_db: BTreeMap<String, [u64; 6]> = BTreeMap::new();
+/// Per database, summed over its pools: assignments, transactions, queries, bytes in, bytes out, wait µs, wait
+/// timeouts, server connects, connect failures (SHOW STATS shows all nine; the PgBouncer SHOWs the first six).
+pub fn per_db(app: &App) -> BTreeMap<String, [u64; 9]> {
+    let mut by_db: BTreeMap<String, [u64; 9]> = BTreeMap::new();
     for p in app.pools() {
         let s = &p.stats;
         let e = by_db.entry(p.key.database.clone()).or_default();
@@ -31,6 +32,9 @@ fn per_db(app: &App) -> BTreeMap<String, [u64; 6]> {
             s.bytes_to_server.load(Ordering::Relaxed),
             s.bytes_to_client.load(Ordering::Relaxed),
             s.wait_us_total.load(Ordering::Relaxed),
+            s.wait_timeouts.load(Ordering::Relaxed),
+            s.connects.load(Ordering::Relaxed),
+            s.connect_failures.load(Ordering::Relaxed),
         ];
         for (i, x) in v.into_iter().enumerate() {
             e[i] += x;
