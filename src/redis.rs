@@ -36,6 +36,8 @@ pub struct RedisConfig {
     pub timeout: Duration,
     /// Prefix of every key pgsurge writes, so several fleets can share a Redis.
     pub prefix: String,
+    /// `redis_tls_ca_file` and its PEM: the CAs a rediss:// server is verified against (None: the system's).
+    pub tls_ca: Option<(std::path::PathBuf, Vec<u8>)>,
 }
 
 impl RedisConfig {
@@ -51,7 +53,24 @@ impl RedisConfig {
         if timeout.is_zero() || timeout > Duration::from_secs(1) {
             return Err("redis_timeout must be more than 0 and at most 1s".into());
         }
-        Ok(RedisConfig { url: url.to_string(), timeout, prefix: prefix.unwrap_or("pgsurge:").to_string() })
+        if url.starts_with("rediss://") && url.contains("#insecure") {
+            return Err(format!("redis_url {}: #insecure (no certificate check) is not supported; give redis_tls_ca_file", redact(url)));
+        }
+        Ok(RedisConfig { url: url.to_string(), timeout, prefix: prefix.unwrap_or("pgsurge:").to_string(), tls_ca: None })
+    }
+
+    /// Verifies a rediss:// server against the CA certificates in `path` (PEM) instead of the system's.
+    pub fn with_tls_ca(mut self, path: Option<&std::path::Path>) -> Result<RedisConfig, String> {
+        let Some(path) = path.filter(|p| !p.as_os_str().is_empty()) else { return Ok(self) };
+        if !self.url.starts_with("rediss://") {
+            return Err(format!("redis_tls_ca_file is for a rediss:// (TLS) Redis, not {}", redact(&self.url)));
+        }
+        let pem = std::fs::read(path).map_err(|e| format!("redis_tls_ca_file {}: {e}", path.display()))?;
+        if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
+            return Err(format!("redis_tls_ca_file {}: no PEM certificate in it", path.display()));
+        }
+        self.tls_ca = Some((path.to_path_buf(), pem));
+        Ok(self)
     }
 }
 
@@ -109,7 +128,14 @@ return redis.call('ZCARD', KEYS[1])
 
 impl Redis {
     pub fn new(config: RedisConfig) -> Result<Arc<Redis>, String> {
-        let client = redis::Client::open(config.url.as_str()).map_err(|e| format!("redis_url {}: {e}", redact(&config.url)))?;
+        let client = match &config.tls_ca {
+            None => redis::Client::open(config.url.as_str()),
+            Some((_, pem)) => {
+                let certs = redis::TlsCertificates { client_tls: None, root_cert: Some(pem.clone()) };
+                redis::Client::build_with_tls(config.url.as_str(), certs)
+            }
+        }
+        .map_err(|e| format!("redis_url {}: {e}", redact(&config.url)))?;
         let id = format!("{}-{:016x}", std::process::id(), rand::random::<u64>());
         Ok(Arc::new(Redis {
             config,

@@ -32,6 +32,7 @@ pub const RESTART_KEYS: &[&str] = &[
     "redis_url",
     "redis_timeout",
     "redis_prefix",
+    "redis_tls_ca_file",
 ];
 
 pub fn rows(c: &Config) -> Vec<(&'static str, String, &'static str, bool)> {
@@ -84,6 +85,11 @@ pub fn rows(c: &Config) -> Vec<(&'static str, String, &'static str, bool)> {
         ("redis_url", c.redis.as_ref().map(|r| crate::redis::redact(&r.url)).unwrap_or_default(), ""),
         ("redis_timeout", c.redis.as_ref().map(|r| dur(r.timeout)).unwrap_or_default(), "5ms"),
         ("redis_prefix", c.redis.as_ref().map(|r| r.prefix.clone()).unwrap_or_default(), "pgsurge:"),
+        (
+            "redis_tls_ca_file",
+            c.redis.as_ref().and_then(|r| r.tls_ca.as_ref()).map(|(p, _)| p.display().to_string()).unwrap_or_default(),
+            "",
+        ),
         ("batch.enabled", c.batch.enabled.to_string(), "false"),
         ("batch.max_batch_size", c.batch.max_batch_size.to_string(), "500"),
         ("batch.max_wait", dur(c.batch.max_wait), "0s"),

@@ -313,7 +313,11 @@ impl Config {
         let cache_flags =
             crate::cache::config::CacheFlags { enabled: s.cache_flag, ttl: s.cache_ttl, notify: s.cache_notify, redis: s.cache_redis };
         let redis = match s.redis_url.as_deref().filter(|u| !u.is_empty()) {
-            Some(u) => Some(crate::redis::RedisConfig::build(u, s.redis_timeout.map(|d| d.0), s.redis_prefix.as_deref()).map_err(bad)?),
+            Some(u) => Some(
+                crate::redis::RedisConfig::build(u, s.redis_timeout.map(|d| d.0), s.redis_prefix.as_deref())
+                    .and_then(|r| r.with_tls_ca(s.redis_tls_ca_file.as_deref()))
+                    .map_err(bad)?,
+            ),
             None => None,
         };
         let cache = crate::cache::config::CacheConfig::build(&s.cache, cache_flags).map_err(bad)?;

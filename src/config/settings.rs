@@ -313,6 +313,9 @@ settings! {
     /// Prefix of every Redis key pgsurge writes.
     #[arg(long, env = "PGSURGE_REDIS_PREFIX")]
     redis_prefix: String,
+    /// PEM CA certificates a rediss:// Redis is verified against (default: the system's trust store).
+    #[arg(long, env = "PGSURGE_REDIS_TLS_CA_FILE")]
+    redis_tls_ca_file: PathBuf,
 }
 
 /// Subcommands beside the proxy itself.

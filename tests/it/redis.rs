@@ -9,6 +9,7 @@ use pgsurge::config::{Dur, Settings};
 use tokio_postgres::{Client, SimpleQueryMessage};
 
 use crate::harness::{code, connect, eventually, pg, try_connect, unique, Proxy};
+use crate::tls::Certs;
 
 /// A redis-server of this test's own, without persistence.
 struct RedisServer {
@@ -25,6 +26,20 @@ impl RedisServer {
     fn start_with(extra: &[&str]) -> RedisServer {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let mut r = RedisServer { port, child: None, extra: extra.iter().map(|s| s.to_string()).collect() };
+        r.up();
+        r
+    }
+
+    /// A server speaking only TLS on its port, with the certificate `certs` made for 127.0.0.1.
+    fn start_tls(certs: &Certs) -> RedisServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let path = |n: &str| certs.path(n).display().to_string();
+        let extra = ["--port", "0", "--tls-port", &port.to_string(), "--tls-cert-file", &path("server.crt")]
+            .into_iter()
+            .chain(["--tls-key-file", &path("server.key"), "--tls-auth-clients", "no"])
+            .map(String::from)
+            .collect();
+        let mut r = RedisServer { port, child: None, extra };
         r.up();
         r
     }
@@ -208,6 +223,53 @@ async fn credentials_come_from_the_url_and_a_redis_that_refuses_them_refuses_no_
     let r = wrong.app.redis.clone().unwrap();
     assert!(!r.is_up() && r.stats.fallbacks.load(Ordering::Relaxed) >= 5);
     assert!(!pgsurge::admin::metrics::render(&wrong.app).contains("s3cret"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_redis_is_verified_against_the_configured_ca_and_an_unverified_one_is_not_used() {
+    let certs = Certs::new();
+    let redis = RedisServer::start_tls(&certs);
+    let url = format!("rediss://127.0.0.1:{}", redis.port);
+    let tls = Settings { redis_url: Some(url.clone()), redis_tls_ca_file: Some(certs.path("ca.crt")), ..limited(&redis, 1, 2) };
+    let proxies = fleet(2, tls).await;
+    let mut clients = vec![];
+    for p in &proxies {
+        clients.push(p.client().await);
+    }
+    let start = Instant::now();
+    let (ok, _) = flood(&clients, 3).await;
+    let most = 2 + start.elapsed().as_secs() as usize + 1;
+    assert!(ok >= 2 && ok <= most, "{ok} of 6 admitted by two instances sharing a TLS Redis (at most {most})");
+
+    // Without the CA the certificate is not trusted: Redis counts as down and nobody is refused for it.
+    let untrusted = Proxy::start(Settings { redis_url: Some(url), ..limited(&redis, 1000, 10) }).await;
+    let c = untrusted.client().await;
+    for _ in 0..3 {
+        c.simple_query("SELECT 1").await.expect("an untrusted Redis is a Redis that is down: local limits");
+    }
+    assert!(!untrusted.app.redis.clone().unwrap().is_up());
+}
+
+#[test]
+fn redis_tls_settings_that_cannot_work_stop_the_start_with_the_reason() {
+    let certs = Certs::new();
+    let err = |url: &str, ca: Option<std::path::PathBuf>| {
+        let s = Settings {
+            upstream: Some("postgres://app:pw@127.0.0.1:5432/app".into()),
+            redis_url: Some(url.into()),
+            redis_tls_ca_file: ca,
+            ..Default::default()
+        };
+        pgsurge::config::Config::build(s).expect_err(url).to_string()
+    };
+    let e = err("redis://127.0.0.1:6379", Some(certs.path("ca.crt")));
+    assert!(e.contains("redis_tls_ca_file is for a rediss://"), "{e}");
+    let e = err("rediss://127.0.0.1:6379", Some(certs.path("missing.crt")));
+    assert!(e.contains("redis_tls_ca_file") && e.contains("missing.crt"), "{e}");
+    let e = err("rediss://127.0.0.1:6379", Some(certs.path("server.key")));
+    assert!(e.contains("no PEM certificate"), "{e}");
+    let e = err("rediss://127.0.0.1:6379/#insecure", None);
+    assert!(e.contains("#insecure"), "{e}");
 }
 
 /// Executions Postgres recorded of statements mentioning `table`.

@@ -10,12 +10,12 @@ use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
 use crate::harness::{code, connect, try_connect, unique, Pg, Proxy};
 
 /// A CA and a certificate it signed for localhost / 127.0.0.1, written as PEM files in a fresh directory.
-struct Certs {
+pub(crate) struct Certs {
     dir: PathBuf,
 }
 
 impl Certs {
-    fn new() -> Certs {
+    pub(crate) fn new() -> Certs {
         let dir = std::env::temp_dir().join(unique("pgsurge-tls"));
         std::fs::create_dir_all(&dir).unwrap();
         let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -33,7 +33,7 @@ impl Certs {
         Certs { dir }
     }
 
-    fn path(&self, name: &str) -> PathBuf {
+    pub(crate) fn path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
     }
 }
