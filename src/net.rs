@@ -74,7 +74,17 @@ impl Stream {
     pub async fn readable(&self) -> io::Result<()> {
         match self {
             Stream::Plain(tcp) => tcp.readable().await,
+            Stream::Unix(u) => u.readable().await,
             _ => Ok(()),
+        }
+    }
+
+    /// `readable` as a poll: ready at once for TLS (its buffered plaintext is not visible on the socket).
+    pub fn poll_read_ready(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
+        match self {
+            Stream::Plain(tcp) => tcp.poll_read_ready(cx),
+            Stream::Unix(u) => u.poll_read_ready(cx),
+            _ => std::task::Poll::Ready(Ok(())),
         }
     }
 

@@ -57,12 +57,13 @@ pub struct ClientRegistry {
 /// Removes the client from the registry when its task ends, however it ends.
 pub struct ClientGuard<'a> {
     reg: &'a ClientRegistry,
-    pub id: u64,
+    /// What was registered (the session logs its names from here rather than keep copies).
+    pub info: Arc<ClientInfo>,
 }
 
 impl Drop for ClientGuard<'_> {
     fn drop(&mut self) {
-        self.reg.live.lock().remove(&self.id);
+        self.reg.live.lock().remove(&self.info.id);
     }
 }
 
@@ -90,8 +91,9 @@ impl ClientRegistry {
             tls,
             slot,
         };
-        self.live.lock().insert(id, Arc::new(info));
-        ClientGuard { reg: self, id }
+        let info = Arc::new(info);
+        self.live.lock().insert(id, info.clone());
+        ClientGuard { reg: self, info }
     }
 
     pub fn snapshot(&self) -> Vec<Arc<ClientInfo>> {

@@ -13,8 +13,12 @@ use super::invalidation::Invalidation;
 use super::Cache;
 use crate::sql::{Analysis, StatementClass};
 
+/// Nothing until the session's first write (most sessions of a read-heavy app never write: 8 bytes each).
 #[derive(Default)]
-pub struct Writes {
+pub struct Writes(Option<Box<Seen>>);
+
+#[derive(Default)]
+struct Seen {
     /// Tables (bare names) this session wrote without pinning its rows, and when.
     tables: HashMap<String, Instant>,
     /// Row slots (`deps::Generations::slot`) of the keys it wrote, and when; and, per table, its latest such write.
@@ -59,11 +63,39 @@ impl Writes {
             }
         };
         cache.apply(&inv);
-        self.mark(cache, &inv);
-        self.tx.push(inv.clone());
+        let seen = self.0.get_or_insert_with(Default::default);
+        seen.mark(cache, &inv);
+        seen.tx.push(inv.clone());
         Some(inv)
     }
 
+    /// When a transaction (or an autocommit statement) ends: its writes are visible now; void again.
+    pub fn visible(&mut self, cache: &Cache) {
+        if let Some(seen) = &mut self.0 {
+            for inv in std::mem::take(&mut seen.tx) {
+                cache.apply(&inv);
+                seen.mark(cache, &inv);
+            }
+        }
+    }
+
+    /// Whether this session wrote what `read` depends on after `at` (an entry filled then must not answer it).
+    pub fn wrote_since(&self, read: &Dep, at: Instant) -> bool {
+        let Some(seen) = &self.0 else { return false };
+        if seen.tables.is_empty() && seen.rows_latest.is_empty() {
+            return false;
+        }
+        let after = |w: Option<&Instant>| w.is_some_and(|w| *w >= at);
+        let t = &*read.table().name;
+        after(seen.tables.get(t))
+            || match read {
+                Dep::Table { .. } => after(seen.rows_latest.get(t)),
+                Dep::Row { slot, .. } => after(seen.rows.get(slot)),
+            }
+    }
+}
+
+impl Seen {
     fn mark(&mut self, cache: &Cache, inv: &Invalidation) {
         let now = Instant::now();
         match inv {
@@ -85,27 +117,5 @@ impl Writes {
             }
             Invalidation::Flush => {}
         }
-    }
-
-    /// When a transaction (or an autocommit statement) ends: its writes are visible now; void again.
-    pub fn visible(&mut self, cache: &Cache) {
-        for inv in std::mem::take(&mut self.tx) {
-            cache.apply(&inv);
-            self.mark(cache, &inv);
-        }
-    }
-
-    /// Whether this session wrote what `read` depends on after `at` (an entry filled then must not answer it).
-    pub fn wrote_since(&self, read: &Dep, at: Instant) -> bool {
-        if self.tables.is_empty() && self.rows_latest.is_empty() {
-            return false;
-        }
-        let after = |w: Option<&Instant>| w.is_some_and(|w| *w >= at);
-        let t = &*read.table().name;
-        after(self.tables.get(t))
-            || match read {
-                Dep::Table { .. } => after(self.rows_latest.get(t)),
-                Dep::Row { slot, .. } => after(self.rows.get(slot)),
-            }
     }
 }

@@ -18,30 +18,23 @@ pub struct ClientConn {
     rbuf: BytesMut,
     buffers: Arc<Buffers>,
     max_message: usize,
-    /// Allocations of the last input, reused by the next.
-    spare: Option<Input>,
 }
 
 impl ClientConn {
     pub fn new(stream: Stream, rbuf: BytesMut, buffers: Arc<Buffers>, max_message: usize) -> ClientConn {
-        ClientConn { stream, rbuf, buffers, max_message, spare: None }
+        ClientConn { stream, rbuf, buffers, max_message }
     }
 
     /// Every complete message received so far, parsed; `None` if there is not one yet. A message that breaks the
     /// framing rules ends the connection (08P01).
-    pub fn input(&mut self) -> Result<Option<Input>> {
+    /// `spare`: the allocations of the last input, reused.
+    pub fn input(&mut self, spare: &mut Option<Input>) -> Result<Option<Input>> {
         let protocol = |e: crate::protocol::frame::FrameError| Error::Protocol(e.to_string());
         if frontend_len(&self.rbuf, self.max_message).map_err(protocol)?.is_none() {
             return Ok(None);
         }
-        let reuse = self.spare.take().unwrap_or_default();
+        let reuse = spare.take().unwrap_or_default();
         Input::take(&mut self.rbuf, self.max_message, reuse).map_err(protocol)
-    }
-
-    /// Hands an input's allocations back for the next one.
-    pub fn recycle(&mut self, mut input: Input) {
-        input.buf = bytes::Bytes::new();
-        self.spare = Some(input);
     }
 
     /// Whether reading ahead (while a request waits, e.g. a batch member) stays bounded: no more than one message
@@ -70,6 +63,22 @@ impl ClientConn {
             }
         }
         self.stream.read_buf(&mut self.rbuf).await
+    }
+
+    /// Nothing received and not yet handled, and a socket whose readiness shows what the client sends.
+    pub fn parkable(&self) -> bool {
+        self.rbuf.is_empty() && !self.stream.is_tls()
+    }
+
+    /// For a parked client: no read buffer.
+    pub fn parked(mut self) -> ClientConn {
+        self.idle();
+        self
+    }
+
+    /// Ready when the client has sent something (or closed); reads nothing.
+    pub fn poll_readable(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        self.stream.poll_read_ready(cx)
     }
 
     /// Gives the read buffer back when nothing is in it (a client between requests holds no buffer).

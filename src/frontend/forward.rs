@@ -26,7 +26,7 @@ impl Relay {
         let buf = &input.buf[..];
         let msgs = &input.msgs[from..];
         if self.trace {
-            super::session::trace_chunk("client", input.raw(from, input.msgs.len()), cx.conn.peer(), conn.id, self.expect.len());
+            trace_chunk("client", input.raw(from, input.msgs.len()), cx.conn.peer(), conn.id, self.expect.len());
         }
         let mut out: Option<BytesMut> = None;
         let mut run_from = msgs.first().map_or(0, |m| m.start as usize);
@@ -342,4 +342,11 @@ fn ensure_prepared(conn: &mut ServerConn, stmt: &Statement, expect: &mut Expecta
     if conn.prepared.get(&stmt.id).is_none() {
         prepare_on(conn, stmt, expect, out, true);
     }
+}
+
+/// `PGSURGE_LOG=pgsurge::wire=trace`: one line per chunk relayed, with its message types in order (a debugging
+/// aid for protocol sequences; decided once per session, so it costs nothing when off).
+pub(super) fn trace_chunk(from: &str, chunk: &[u8], client: Option<std::net::SocketAddr>, server: u64, owed: usize) {
+    let tags: String = crate::protocol::frame::Frames::server(chunk, usize::MAX).map_while(|f| f.ok()).map(|f| f.tag as char).collect();
+    tracing::trace!(target: "pgsurge::wire", ?client, server, owed, from, "{tags}");
 }

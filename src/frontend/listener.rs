@@ -11,7 +11,7 @@ use tokio::net::TcpListener;
 use crate::app::{App, Shutdown};
 use crate::error::{Error, Severity};
 use crate::frontend::handshake::{Handshake, LoggedIn, Target};
-use crate::frontend::session::Session;
+use crate::frontend::session::{Run, Session};
 use crate::net::Stream;
 use crate::protocol::codes::TxStatus;
 use crate::protocol::encode;
@@ -29,7 +29,7 @@ pub async fn accept_loop(app: Arc<App>, listener: TcpListener) {
                 }
                 Ok((stream, addr)) => {
                     let count = ClientCount::new(app.clone());
-                    tokio::spawn(async move { serve_client(count, Stream::from(stream), addr, false).await });
+                    tokio::spawn(serve_client(count, Box::new((Stream::from(stream), addr)), false));
                 }
                 Err(e) => acceptor.failed(&listener, e).await,
             },
@@ -60,79 +60,116 @@ impl Drop for ClientCount {
     }
 }
 
+/// A logged-in client, boxed: an async fn's arguments stay in its future for its whole life, so the phases after
+/// login take this one pointer rather than the socket, buffer and login by value.
+struct Login {
+    stream: Stream,
+    rbuf: BytesMut,
+    addr: SocketAddr,
+    logged_in: LoggedIn,
+}
+
+/// Moves a value out of its box and frees the box now (a box only moved out of is freed when its variable goes).
+#[allow(clippy::boxed_local)] // taking the box by value is the point: it is freed here
+fn unbox<T>(b: Box<T>) -> T {
+    *b
+}
+
 /// `peer_admin`: a Unix-socket client running as pgsurge's own OS user, let into the console as `pgbouncer`.
-pub(crate) async fn serve_client(count: ClientCount, mut stream: Stream, addr: SocketAddr, peer_admin: bool) {
-    let app = count.0.clone();
-    let _count = count;
+/// Each phase is its own future, so the task is as large as the largest phase (parked), not all of them.
+/// The socket comes boxed for the same reason as `Login`.
+pub(crate) async fn serve_client(count: ClientCount, accepted: Box<(Stream, SocketAddr)>, peer_admin: bool) {
+    let (stream, addr) = unbox(accepted);
+    // Boxed: the login's state lives on the heap only while it runs, not in every idle client's task.
+    let Some(login) = Box::pin(login(&count.0, stream, addr, peer_admin)).await else { return };
+    if matches!(login.logged_in.target, Target::Admin) {
+        let Login { stream, rbuf, addr, logged_in } = *login;
+        return Box::pin(admin_console(count.0.clone(), stream, rbuf, addr, logged_in)).await;
+    }
+    serve_pooled(count, login).await
+}
+
+/// The handshake within client_login_timeout; a failure is answered here. None: the client is gone.
+async fn login(app: &Arc<App>, mut stream: Stream, addr: SocketAddr, peer_admin: bool) -> Option<Box<Login>> {
     let _ = stream.set_nodelay(true);
     // Room for a startup packet and the SCRAM messages; a client's requests later read into lent buffers.
     let mut rbuf = BytesMut::with_capacity(512);
     let login_timeout = app.config.load().client_login_timeout;
     let mut who = None;
-    let hs = Handshake { app: &app, stream: &mut stream, rbuf: &mut rbuf, addr, passthrough: None, who: &mut who, peer_admin };
-    // Boxed: the handshake's state lives on the heap only while it runs, not in every idle client's task.
-    let logged_in = match tokio::time::timeout(login_timeout, Box::pin(hs.run())).await {
-        Ok(Ok(Some(l))) => l,
-        Ok(Ok(None)) => return,
-        Ok(Err(e)) => return Box::pin(answer_fatal(&app, &mut stream, addr, who, e)).await,
-        Err(_) => {
-            let e = Error::Protocol("client did not finish login within client_login_timeout".into());
-            return Box::pin(answer_fatal(&app, &mut stream, addr, who, e)).await;
+    let hs = Handshake { app, stream: &mut stream, rbuf: &mut rbuf, addr, passthrough: None, who: &mut who, peer_admin };
+    let e = match tokio::time::timeout(login_timeout, hs.run()).await {
+        Ok(Ok(Some(logged_in))) => return Some(Box::new(Login { stream, rbuf, addr, logged_in })),
+        Ok(Ok(None)) => return None,
+        Ok(Err(e)) => e,
+        Err(_) => Error::Protocol("client did not finish login within client_login_timeout".into()),
+    };
+    answer_fatal(app, &mut stream, addr, who, e).await;
+    None
+}
+
+/// A client of a pool, from its greeting to its last request.
+async fn serve_pooled(count: ClientCount, login: Box<Login>) {
+    let app = &count.0;
+    let cancel = app.cancels.register();
+    // In a block: what only the start needs is gone from the task by the time it parks; the names and address
+    // for the log lines after it are read from the registry's entry.
+    let (mut session, registered) = {
+        let Login { mut stream, rbuf, logged_in, addr } = unbox(login);
+        let LoggedIn { user, database, params, target, admission, mut greeting, .. } = logged_in;
+        let Target::Pool(pool, db) = target else { return };
+        let mode = app.pool_mode(&db);
+        drop(db);
+        tracing::info!(client = %addr, db = %database, user = %user, "login");
+        let app_name = params.get("application_name").map(String::as_str).unwrap_or("");
+        let local = stream.local_addr().ok();
+        let registered = app.ops.clients.register(addr, local, &user, &database, app_name, stream.is_tls(), Some(cancel.slot.clone()));
+        encode::put_backend_key_data(&mut greeting, cancel.pid, cancel.secret);
+        encode::put_ready_for_query(&mut greeting, TxStatus::Idle);
+        if stream.write_all(&greeting).await.is_err() {
+            return;
+        }
+        let max_message = app.config.load().max_message_size;
+        let conn = crate::frontend::conn::ClientConn::new(stream, rbuf, app.buffers.clone(), max_message);
+        let shutdown = app.shutdown.subscribe();
+        let parts = app.parts(pool);
+        let mut session =
+            Session::new(parts, app.config.clone(), app.ops.errors.clone(), shutdown, conn, mode, params, cancel.slot.clone());
+        session.admission = admission;
+        session.set_user_timeouts(&user);
+        (Box::new(session), registered)
+    };
+    // Between requests the session is parked (park.rs): the task then holds only `Parked`, and the working
+    // session and its boxed future live on the heap only while the client is busy. A client starts parked
+    // unless it sent more right behind its login.
+    let result = loop {
+        if session.may_park() {
+            let mut parked = session.park();
+            let woke = parked.wait().await;
+            session = Session::unpark(parked);
+            if let Err(e) = woke {
+                break Err(e);
+            }
+        }
+        match Box::pin(session.run()).await {
+            Ok(Run::Idle) => {}
+            other => break other.map(drop),
         }
     };
-    let (pool, db) = match logged_in.target {
-        Target::Pool(pool, db) => (pool, db),
-        Target::Admin => return Box::pin(admin_console(app, stream, rbuf, addr, logged_in)).await,
-    };
-    tracing::info!(client = %addr, db = %logged_in.database, user = %logged_in.user, "login");
-    let cancel = app.cancels.register();
-    let app_name = logged_in.params.get("application_name").map(String::as_str).unwrap_or("");
-    let _registered = app.ops.clients.register(
-        addr,
-        stream.local_addr().ok(),
-        &logged_in.user,
-        &logged_in.database,
-        app_name,
-        stream.is_tls(),
-        Some(cancel.slot.clone()),
-    );
-    let mut greeting = logged_in.greeting;
-    encode::put_backend_key_data(&mut greeting, cancel.pid, cancel.secret);
-    encode::put_ready_for_query(&mut greeting, TxStatus::Idle);
-    if stream.write_all(&greeting).await.is_err() {
-        return;
-    }
-    drop(greeting);
-    let mode = app.pool_mode(&db);
-    let max_message = app.config.load().max_message_size;
-    let conn = crate::frontend::conn::ClientConn::new(stream, rbuf, app.buffers.clone(), max_message);
-    let mut session = Session::new(
-        app.parts(pool),
-        app.config.clone(),
-        app.ops.errors.clone(),
-        app.shutdown.subscribe(),
-        conn,
-        mode,
-        logged_in.params,
-        cancel.slot.clone(),
-    );
-    session.admission = logged_in.admission;
-    session.set_user_timeouts(&logged_in.user);
-    let result = session.run().await;
     match result {
         Ok(()) | Err(Error::Io(_)) => {}
         Err(e) => {
             if matches!(e, Error::Protocol(_)) {
                 app.counters.protocol_errors.fetch_add(1, Ordering::Relaxed);
             }
-            tracing::info!(client = %addr, error = %e, "session ended with an error");
+            tracing::info!(client = %registered.info.addr, error = %e, "session ended with an error");
             app.ops.errors.count(e.sqlstate());
             let mut out = BytesMut::new();
             e.write_with(&mut out, Severity::Fatal);
             let _ = session.conn.write(&out).await;
         }
     }
-    tracing::info!(client = %addr, db = %logged_in.database, user = %logged_in.user, "disconnect");
+    let info = &registered.info;
+    tracing::info!(client = %info.addr, db = %info.database, user = %info.user, "disconnect");
 }
 
 async fn answer_fatal(app: &App, stream: &mut Stream, addr: SocketAddr, who: Option<(String, String)>, e: Error) {
@@ -188,7 +225,10 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let s = tokio::net::TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let addr = s.local_addr().unwrap();
-        let task = serve_client(ClientCount::new(app.clone()), Stream::from(s), addr, false);
+        let task = serve_client(ClientCount::new(app.clone()), Box::new((Stream::from(s), addr)), false);
         assert!(std::mem::size_of_val(&task) < 4096, "{} bytes", std::mem::size_of_val(&task));
+        // What a parked client keeps (release build: task 1,152 bytes with it, bench/RESULTS.md "idle").
+        let parked = std::mem::size_of::<crate::frontend::park::Parked>();
+        assert!(parked <= 720, "Parked grew to {parked} bytes (712 in release, 720 in debug): every idle client pays it");
     }
 }

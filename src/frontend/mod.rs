@@ -11,6 +11,7 @@ pub mod forward;
 pub mod handshake;
 pub mod listener;
 pub mod local;
+pub mod park;
 pub mod relay;
 pub mod retry;
 pub mod session;

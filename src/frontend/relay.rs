@@ -379,7 +379,7 @@ impl Relay {
         }
         conn.unclosed.extend(self.expect.take_unclosed());
         if self.trace {
-            super::session::trace_chunk("server", &conn.rbuf[..at], cx.conn.peer(), conn.id, self.expect.len());
+            super::forward::trace_chunk("server", &conn.rbuf[..at], cx.conn.peer(), conn.id, self.expect.len());
         }
         let written = match out.as_mut() {
             Some(o) => {

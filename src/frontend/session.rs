@@ -13,6 +13,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
 use super::conn::ClientConn;
+pub use super::park::Run;
 use super::relay::{Ctx, Parts, Relay};
 use super::slow::Class;
 use crate::app::Shutdown;
@@ -55,29 +56,31 @@ enum Io {
 
 pub struct Session {
     pub conn: ClientConn,
-    relay: Relay,
-    state: SessionState,
-    parts: Parts,
-    config: Arc<ArcSwap<Config>>,
-    errors: Arc<crate::admin::ErrorCounts>,
-    mode: PoolMode,
+    pub(super) relay: Relay,
+    pub(super) state: SessionState,
+    pub(super) parts: Parts,
+    pub(super) config: Arc<ArcSwap<Config>>,
+    pub(super) errors: Arc<crate::admin::ErrorCounts>,
+    pub(super) mode: PoolMode,
     /// A cache fill in progress, and the writes this session made (src/cache).
-    fill: Option<Capture>,
-    writes: Writes,
+    pub(super) fill: Option<Capture>,
+    pub(super) writes: Writes,
     /// N+1 detection state (src/batch/detect.rs).
-    nplus: Tracker,
+    pub(super) nplus: Tracker,
     /// A lookup running alone, counted so that lookups of its statement arriving meanwhile batch behind it.
-    ticket: Option<Ticket>,
+    pub(super) ticket: Option<Ticket>,
     /// After a local error in an extended-protocol run: drop messages until Sync, as Postgres does.
-    skipping: bool,
-    wait_timeout: Duration,
+    pub(super) skipping: bool,
+    pub(super) wait_timeout: Duration,
     /// This client's connection caps and rates (src/limit); set after login.
     pub admission: Option<crate::limit::Admission>,
     /// query_timeout / idle_transaction_timeout.
-    timers: SessionTimers,
-    shutdown: watch::Receiver<Shutdown>,
+    pub(super) timers: SessionTimers,
+    pub(super) shutdown: watch::Receiver<Shutdown>,
     /// The cache key of the request at hand (reused: no allocation per request).
-    key: Vec<u8>,
+    pub(super) key: Vec<u8>,
+    /// Allocations of the last input, reused by the next (dropped when parked).
+    pub(super) spare: Option<Input>,
 }
 
 /// A lookup request's statement, resolved once for every stage.
@@ -121,6 +124,7 @@ impl Session {
             timers: SessionTimers::new(&cfg.limits),
             shutdown,
             key: Vec::new(),
+            spare: None,
             errors,
             config: config.clone(),
             parts,
@@ -128,9 +132,12 @@ impl Session {
     }
 
     /// Runs until the client leaves or an error ends the session; releases the server connection properly.
-    pub async fn run(&mut self) -> Result<()> {
+    /// `Ok(Run::Idle)`: the client is between requests with nothing held or owed, and may be parked (park.rs).
+    pub async fn run(&mut self) -> Result<Run> {
         let r = self.serve().await;
-        Box::pin(self.relay.release_at_end(&mut self.state, &self.parts, self.mode == PoolMode::Session)).await;
+        if !matches!(r, Ok(Run::Idle)) {
+            Box::pin(self.relay.release_at_end(&mut self.state, &self.parts, self.mode == PoolMode::Session)).await;
+        }
         r
     }
 
@@ -146,10 +153,12 @@ impl Session {
 
     /// The futures of the stages and the relay are boxed (one allocation per input or server read): the loop's
     /// own state, held by every idle client's task, then stays small (7.4 KB per client unboxed, bench/idle.sh).
-    async fn serve(&mut self) -> Result<()> {
+    async fn serve(&mut self) -> Result<Run> {
+        // Parked only after a read: a wake-up with nothing to read waits here rather than parking again at once.
+        let mut heard = false;
         loop {
             if Box::pin(self.handle_input()).await? == Flow::Exit {
-                return Ok(());
+                return Ok(Run::Ended);
             }
             let held = self.relay.server.is_some();
             let quiet = self.relay.quiet();
@@ -157,6 +166,9 @@ impl Session {
             self.timers.update_with(held && !self.relay.expect.is_empty(), in_tx && quiet, in_tx);
             if !held {
                 self.conn.idle();
+                if heard && self.may_park() {
+                    return Ok(Run::Idle);
+                }
             }
             let ev = match self.relay.server.as_mut() {
                 Some(co) => {
@@ -178,8 +190,8 @@ impl Session {
                 },
             };
             match ev {
-                Io::Client(Ok(0)) => return Ok(()),
-                Io::Client(Ok(_)) => {}
+                Io::Client(Ok(0)) => return Ok(Run::Ended),
+                Io::Client(Ok(_)) => heard = true,
                 Io::Client(Err(e)) => return Err(e.into()),
                 Io::Server(Ok(n)) if n > 0 => {
                     self.timers.heard();
@@ -208,10 +220,10 @@ impl Session {
 
     /// Handles every complete request received so far.
     async fn handle_input(&mut self) -> Result<Flow> {
-        while let Some(input) = self.conn.input()? {
+        while let Some(input) = self.conn.input(&mut self.spare)? {
             let r = self.handle(&input).await;
             let terminate = input.terminate;
-            self.conn.recycle(input);
+            self.spare = Some(input.recycled());
             if r? == Flow::Exit || terminate {
                 return Ok(Flow::Exit);
             }
@@ -579,11 +591,4 @@ impl Session {
         }
         Ok(())
     }
-}
-
-/// `PGSURGE_LOG=pgsurge::wire=trace`: one line per chunk relayed, with its message types in order (a debugging
-/// aid for protocol sequences; decided once per session, so it costs nothing when off).
-pub(super) fn trace_chunk(from: &str, chunk: &[u8], client: Option<std::net::SocketAddr>, server: u64, owed: usize) {
-    let tags: String = crate::protocol::frame::Frames::server(chunk, usize::MAX).map_while(|f| f.ok()).map(|f| f.tag as char).collect();
-    tracing::trace!(target: "pgsurge::wire", ?client, server, owed, from, "{tags}");
 }

@@ -50,9 +50,7 @@ pub async fn accept_loop(app: Arc<App>, listener: UnixListener, path: std::path:
                 Ok((stream, _)) => {
                     let peer_admin = stream.peer_cred().is_ok_and(|c| c.uid() == own_uid);
                     let count = crate::frontend::listener::ClientCount::new(app.clone());
-                    tokio::spawn(async move {
-                        crate::frontend::listener::serve_client(count, Stream::Unix(stream), UNIX_PEER, peer_admin).await
-                    });
+                    tokio::spawn(crate::frontend::listener::serve_client(count, Box::new((Stream::Unix(stream), UNIX_PEER)), peer_admin));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed on the unix socket");

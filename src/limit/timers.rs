@@ -27,11 +27,11 @@ pub enum Fired {
 }
 
 pub struct SessionTimers {
-    query: Duration,
-    cancel_grace: Duration,
-    idle_tx: Duration,
-    client_idle: Duration,
-    tx: Duration,
+    query: Ms,
+    cancel_grace: Ms,
+    idle_tx: Ms,
+    client_idle: Ms,
+    tx: Ms,
     sleep: Option<Pin<Box<Sleep>>>,
     armed: Option<(Fired, Instant)>,
     busy_since: Option<Instant>,
@@ -42,14 +42,33 @@ pub struct SessionTimers {
     tx_since: Option<Instant>,
 }
 
+/// A timeout in whole milliseconds (sub-millisecond parts round up): 4 bytes, not a `Duration`'s 16, in every
+/// client's timers (park.rs keeps them for each idle client).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Ms(u32);
+
+impl Ms {
+    fn of(d: Duration) -> Ms {
+        Ms(u32::try_from(d.as_nanos().div_ceil(1_000_000)).unwrap_or(u32::MAX))
+    }
+
+    fn get(self) -> Duration {
+        Duration::from_millis(u64::from(self.0))
+    }
+
+    fn is_zero(self) -> bool {
+        self.0 == 0
+    }
+}
+
 impl SessionTimers {
     pub fn new(cfg: &LimitConfig) -> SessionTimers {
         SessionTimers {
-            query: cfg.query_timeout,
-            cancel_grace: cfg.query_cancel_timeout,
-            idle_tx: cfg.idle_transaction_timeout,
-            client_idle: cfg.client_idle_timeout,
-            tx: cfg.transaction_timeout,
+            query: Ms::of(cfg.query_timeout),
+            cancel_grace: Ms::of(cfg.query_cancel_timeout),
+            idle_tx: Ms::of(cfg.idle_transaction_timeout),
+            client_idle: Ms::of(cfg.client_idle_timeout),
+            tx: Ms::of(cfg.transaction_timeout),
             sleep: None,
             armed: None,
             busy_since: None,
@@ -64,10 +83,10 @@ impl SessionTimers {
     pub fn for_user(cfg: &LimitConfig, user: &str) -> SessionTimers {
         let mut t = SessionTimers::new(cfg);
         if let Some(u) = cfg.user_timeouts.get(user) {
-            t.query = u.query.unwrap_or(t.query);
-            t.idle_tx = u.idle_transaction.unwrap_or(t.idle_tx);
-            t.client_idle = u.client_idle.unwrap_or(t.client_idle);
-            t.tx = u.transaction.unwrap_or(t.tx);
+            t.query = u.query.map_or(t.query, Ms::of);
+            t.idle_tx = u.idle_transaction.map_or(t.idle_tx, Ms::of);
+            t.client_idle = u.client_idle.map_or(t.client_idle, Ms::of);
+            t.tx = u.transaction.map_or(t.tx, Ms::of);
         }
         t
     }
@@ -120,14 +139,14 @@ impl SessionTimers {
         // The earliest deadline of the timeouts that apply now; a cancelled request waits out its grace instead
         // of its query_timeout.
         let query = match self.cancelled {
-            Some(c) => self.busy_since.map(|_| (Fired::CancelUnanswered, c + self.cancel_grace)),
-            None => self.busy_since.filter(|_| !self.query.is_zero()).map(|t| (Fired::Query, t + self.query)),
+            Some(c) => self.busy_since.map(|_| (Fired::CancelUnanswered, c + self.cancel_grace.get())),
+            None => self.busy_since.filter(|_| !self.query.is_zero()).map(|t| (Fired::Query, t + self.query.get())),
         };
         let candidates = [
             query,
-            self.idle_since.filter(|_| !self.idle_tx.is_zero()).map(|t| (Fired::IdleInTransaction, t + self.idle_tx)),
-            self.client_idle_since.filter(|_| !self.client_idle.is_zero()).map(|t| (Fired::ClientIdle, t + self.client_idle)),
-            self.tx_since.filter(|_| !self.tx.is_zero()).map(|t| (Fired::Transaction, t + self.tx)),
+            self.idle_since.filter(|_| !self.idle_tx.is_zero()).map(|t| (Fired::IdleInTransaction, t + self.idle_tx.get())),
+            self.client_idle_since.filter(|_| !self.client_idle.is_zero()).map(|t| (Fired::ClientIdle, t + self.client_idle.get())),
+            self.tx_since.filter(|_| !self.tx.is_zero()).map(|t| (Fired::Transaction, t + self.tx.get())),
         ];
         let want = candidates.into_iter().flatten().min_by_key(|(_, at)| *at);
         if want != self.armed {
@@ -155,13 +174,13 @@ impl SessionTimers {
         if self.query.is_zero() {
             Duration::MAX
         } else {
-            self.query.saturating_add(self.cancel_grace)
+            self.query.get().saturating_add(self.cancel_grace.get())
         }
     }
 
     /// How long a query_timeout cancel, and the answer to it, may take.
     pub fn cancel_grace(&self) -> Duration {
-        self.cancel_grace
+        self.cancel_grace.get()
     }
 
     pub fn is_armed(&self) -> bool {
@@ -170,17 +189,18 @@ impl SessionTimers {
 
     /// Resolves when the armed timer fires (pending forever when disarmed; guard the select! arm with is_armed).
     pub async fn fired(&mut self) -> Fired {
-        match (self.armed, self.sleep.as_mut()) {
-            (Some((kind, _)), Some(s)) => {
-                s.as_mut().await;
-                self.armed = None;
-                if kind == Fired::Query {
-                    self.cancelled = Some(Instant::now());
-                }
-                kind
-            }
-            _ => std::future::pending().await,
+        std::future::poll_fn(|cx| self.poll_fired(cx)).await
+    }
+
+    /// `fired` as a poll (a parked client polls it without a future of its own).
+    pub fn poll_fired(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Fired> {
+        let (Some((kind, _)), Some(s)) = (self.armed, self.sleep.as_mut()) else { return std::task::Poll::Pending };
+        std::task::ready!(std::future::Future::poll(s.as_mut(), cx));
+        self.armed = None;
+        if kind == Fired::Query {
+            self.cancelled = Some(Instant::now());
         }
+        std::task::Poll::Ready(kind)
     }
 }
 

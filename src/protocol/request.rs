@@ -55,6 +55,12 @@ pub struct Lookup {
 }
 
 impl Input {
+    /// Its allocations, for the next input (the bytes they pointed into are let go).
+    pub fn recycled(mut self) -> Input {
+        self.buf = Bytes::new();
+        self
+    }
+
     /// Takes every complete frame off the front of `rbuf` and parses it; `None` if there is not one yet. A
     /// frame that breaks the rules (bad length, over `max`, unknown type) is an error for the whole connection.
     pub fn take(rbuf: &mut BytesMut, max: usize, mut reuse: Input) -> Result<Option<Input>, FrameError> {
