@@ -70,15 +70,10 @@ impl ClientConn {
         self.rbuf.is_empty() && !self.stream.is_tls()
     }
 
-    /// For a parked client: no read buffer.
-    pub fn parked(mut self) -> ClientConn {
+    /// For a parked client: the socket and the buffer pool, the read buffer given back.
+    pub fn parked(mut self) -> (Stream, Arc<Buffers>) {
         self.idle();
-        self
-    }
-
-    /// Ready when the client has sent something (or closed); reads nothing.
-    pub fn poll_readable(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
-        self.stream.poll_read_ready(cx)
+        (self.stream, self.buffers)
     }
 
     /// Gives the read buffer back when nothing is in it (a client between requests holds no buffer).

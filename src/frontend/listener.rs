@@ -8,7 +8,9 @@ use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 
+use crate::admin::ClientGuard;
 use crate::app::{App, Shutdown};
+use crate::cancel::CancelGuard;
 use crate::error::{Error, Severity};
 use crate::frontend::handshake::{Handshake, LoggedIn, Target};
 use crate::frontend::session::{Run, Session};
@@ -107,37 +109,38 @@ async fn login(app: &Arc<App>, mut stream: Stream, addr: SocketAddr, peer_admin:
     None
 }
 
+/// The greeting (BackendKeyData, ReadyForQuery) and the client's session, registered for SHOW CLIENTS. None: the
+/// client is gone.
+async fn start<'a>(app: &'a Arc<App>, login: Box<Login>, cancel: &CancelGuard<'_>) -> Option<(Box<Session>, ClientGuard<'a>)> {
+    let Login { mut stream, rbuf, logged_in, addr } = unbox(login);
+    let LoggedIn { user, database, params, target, admission, mut greeting, .. } = logged_in;
+    let Target::Pool(pool, db) = target else { return None };
+    let mode = app.pool_mode(&db);
+    drop(db);
+    tracing::info!(client = %addr, db = %database, user = %user, "login");
+    let app_name = params.get("application_name").map(String::as_str).unwrap_or("");
+    let local = stream.local_addr().ok();
+    let registered = app.ops.clients.register(addr, local, &user, &database, app_name, stream.is_tls(), Some(cancel.slot.clone()));
+    encode::put_backend_key_data(&mut greeting, cancel.pid, cancel.secret);
+    encode::put_ready_for_query(&mut greeting, TxStatus::Idle);
+    stream.write_all(&greeting).await.ok()?;
+    let max_message = app.config.load().max_message_size;
+    let conn = crate::frontend::conn::ClientConn::new(stream, rbuf, app.buffers.clone(), max_message);
+    let shutdown = app.shutdown.subscribe();
+    let parts = app.parts(pool);
+    let mut session = Session::new(parts, app.config.clone(), app.ops.errors.clone(), shutdown, conn, mode, params, cancel.slot.clone());
+    session.admission = admission;
+    session.set_user_timeouts(&user);
+    Some((Box::new(session), registered))
+}
+
 /// A client of a pool, from its greeting to its last request.
 async fn serve_pooled(count: ClientCount, login: Box<Login>) {
     let app = &count.0;
     let cancel = app.cancels.register();
-    // In a block: what only the start needs is gone from the task by the time it parks; the names and address
-    // for the log lines after it are read from the registry's entry.
-    let (mut session, registered) = {
-        let Login { mut stream, rbuf, logged_in, addr } = unbox(login);
-        let LoggedIn { user, database, params, target, admission, mut greeting, .. } = logged_in;
-        let Target::Pool(pool, db) = target else { return };
-        let mode = app.pool_mode(&db);
-        drop(db);
-        tracing::info!(client = %addr, db = %database, user = %user, "login");
-        let app_name = params.get("application_name").map(String::as_str).unwrap_or("");
-        let local = stream.local_addr().ok();
-        let registered = app.ops.clients.register(addr, local, &user, &database, app_name, stream.is_tls(), Some(cancel.slot.clone()));
-        encode::put_backend_key_data(&mut greeting, cancel.pid, cancel.secret);
-        encode::put_ready_for_query(&mut greeting, TxStatus::Idle);
-        if stream.write_all(&greeting).await.is_err() {
-            return;
-        }
-        let max_message = app.config.load().max_message_size;
-        let conn = crate::frontend::conn::ClientConn::new(stream, rbuf, app.buffers.clone(), max_message);
-        let shutdown = app.shutdown.subscribe();
-        let parts = app.parts(pool);
-        let mut session =
-            Session::new(parts, app.config.clone(), app.ops.errors.clone(), shutdown, conn, mode, params, cancel.slot.clone());
-        session.admission = admission;
-        session.set_user_timeouts(&user);
-        (Box::new(session), registered)
-    };
+    // Boxed, as the login: what only the start needs is gone from the task by the time it parks; the names and
+    // address for the log lines after it are read from the registry's entry.
+    let Some((mut session, registered)) = Box::pin(start(app, login, &cancel)).await else { return };
     // Between requests the session is parked (park.rs): the task then holds only `Parked`, and the working
     // session and its boxed future live on the heap only while the client is busy. A client starts parked
     // unless it sent more right behind its login.

@@ -7,8 +7,10 @@ use std::sync::Arc;
 use std::task::Poll;
 
 use arc_swap::ArcSwap;
+use bytes::BytesMut;
 use tokio::sync::watch;
 
+use super::buffers::Buffers;
 use super::conn::ClientConn;
 use super::relay::{Parts, Relay};
 use super::session::Session;
@@ -18,6 +20,7 @@ use crate::cache::writes::Writes;
 use crate::config::{Config, PoolMode};
 use crate::error::{Error, Result};
 use crate::limit::{Admission, Fired, SessionTimers};
+use crate::net::Stream;
 use crate::state::session::SessionState;
 use crate::state::Statement;
 
@@ -32,7 +35,8 @@ pub enum Run {
 
 /// What an idle client keeps; the rest of its `Session` is dropped.
 pub struct Parked {
-    conn: ClientConn,
+    stream: Stream,
+    buffers: Arc<Buffers>,
     state: SessionState,
     /// The client's unnamed statement (it may Bind it in a later transaction).
     unnamed: Option<Arc<Statement>>,
@@ -66,8 +70,10 @@ impl Session {
     /// moved out of would be freed when the caller's variable is next assigned).
     pub fn park(self: Box<Self>) -> Parked {
         let s = *self;
+        let (stream, buffers) = s.conn.parked();
         Parked {
-            conn: s.conn.parked(),
+            stream,
+            buffers,
             state: s.state,
             unnamed: s.relay.unnamed,
             cancel: s.relay.cancel,
@@ -85,11 +91,13 @@ impl Session {
 
     /// The working session again, as it was parked.
     pub fn unpark(p: Parked) -> Box<Session> {
-        let wait_timeout = p.config.load().query_wait_timeout;
+        let cfg = p.config.load();
+        let (wait_timeout, max_message) = (cfg.query_wait_timeout, cfg.max_message_size);
+        drop(cfg);
         let mut relay = Relay::new(p.cancel);
         relay.unnamed = p.unnamed;
         Box::new(Session {
-            conn: p.conn,
+            conn: ClientConn::new(p.stream, BytesMut::new(), p.buffers, max_message),
             relay,
             state: p.state,
             parts: p.parts,
@@ -120,7 +128,7 @@ impl Parked {
             if std::pin::Pin::new(&mut self.cancel.stopped()).poll(cx).is_ready() {
                 return Poll::Ready(Err(Error::Shutdown));
             }
-            if let Poll::Ready(r) = self.conn.poll_readable(cx) {
+            if let Poll::Ready(r) = self.stream.poll_read_ready(cx) {
                 return Poll::Ready(r.map_err(Error::from));
             }
             self.timers.poll_fired(cx).map(|k| match k {

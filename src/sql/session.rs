@@ -6,7 +6,7 @@
 use pg_query::protobuf::{self, node::Node as NodeEnum, VariableSetKind};
 
 /// Why a client must keep its server connection.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Pin {
     Listen(String),
     TempObject,

@@ -2,7 +2,7 @@
 //! its named statements, what pins it to a server, and its transaction status. The frontend changes it as
 //! replies complete; the cache and batcher read it for their keys.
 
-use std::collections::HashSet;
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -23,9 +23,10 @@ pub struct SessionState {
     /// Those it logged in with (what RESET returns to).
     pub startup: Settings,
     /// The number of `wanted`'s output-changing settings; recomputed after a change, when a key first needs it.
-    output: Option<u64>,
+    /// (Ids start at 1: `NonZeroU64` makes the Option 8 bytes, not 16.)
+    output: Option<std::num::NonZeroU64>,
     /// Why this client must keep its server connection (LISTEN, temp tables, ...); empty: it need not.
-    pub pins: HashSet<Pin>,
+    pub pins: BTreeSet<Pin>,
     /// Named prepared statements (client name -> shared statement).
     pub stmts: Statements,
     /// The last unnamed statement resolved: drivers repeat the same text, and a repeat costs one compare.
@@ -51,7 +52,7 @@ impl SessionState {
             wanted,
             startup,
             output: None,
-            pins: HashSet::new(),
+            pins: BTreeSet::new(),
             stmts: Statements::default(),
             unnamed: None,
             status: TxStatus::Idle,
@@ -62,7 +63,7 @@ impl SessionState {
 
     /// The number of this session's output-changing settings, for cache and batch keys.
     pub fn output_id(&mut self, outputs: &Outputs) -> u64 {
-        *self.output.get_or_insert_with(|| outputs.id(&self.wanted))
+        self.output.get_or_insert_with(|| std::num::NonZeroU64::new(outputs.id(&self.wanted)).unwrap_or(std::num::NonZeroU64::MIN)).get()
     }
 
     fn wanted_mut(&mut self) -> &mut Settings {
