@@ -69,7 +69,9 @@ impl Session {
     /// Keeps what outlives the request; drops the working state and frees its box (taken by value: a box only
     /// moved out of would be freed when the caller's variable is next assigned).
     pub fn park(self: Box<Self>) -> Parked {
-        let s = *self;
+        let mut s = *self;
+        // Idle from now (a client parked straight after login has not been through the loop that arms this).
+        s.timers.update_with(false, false, false);
         let (stream, buffers) = s.conn.parked();
         Parked {
             stream,

@@ -212,6 +212,20 @@ async fn a_client_idle_in_a_transaction_too_long_gets_25p03_and_its_work_is_roll
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_client_is_closed_with_57p05_after_client_idle_timeout_even_if_it_never_sent_a_query() {
+    let proxy = Proxy::start(settings("client_idle_timeout = \"300ms\"\n")).await;
+    // One that never sends anything after login (it waits parked from the start), one that goes quiet after a query.
+    let (_silent, silent_conn) = tokio_postgres::connect(&proxy.app_url(), NoTls).await.unwrap();
+    let (quiet, quiet_conn) = tokio_postgres::connect(&proxy.app_url(), NoTls).await.unwrap();
+    let (silent_conn, quiet_conn) = (tokio::spawn(silent_conn), tokio::spawn(quiet_conn));
+    quiet.simple_query("SELECT 1").await.unwrap();
+    for conn in [silent_conn, quiet_conn] {
+        let ended = tokio::time::timeout(Duration::from_secs(10), conn).await.expect("closed by pgsurge").unwrap();
+        assert_eq!(code(&ended.expect_err("ends with an error")), "57P05");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_disconnects_mid_query_has_it_cancelled_upstream() {
     let proxy = Proxy::start(Settings::default()).await;
     let marker = unique("gone");
