@@ -127,6 +127,14 @@ impl Stock {
     }
 }
 
+/// `key`'s stock, made if it has none (the key is cloned only then: this runs for every token).
+fn stock<'a>(stocks: &'a mut HashMap<Key, Stock>, key: &Key, now: Instant) -> &'a mut Stock {
+    if !stocks.contains_key(key) {
+        stocks.insert(key.clone(), Stock::new(now));
+    }
+    stocks.get_mut(key).expect("inserted above")
+}
+
 /// What one look at a key's stock decided.
 enum Step {
     Granted,
@@ -153,7 +161,7 @@ impl GlobalRate {
             let now = Instant::now();
             let step = {
                 let mut stocks = self.inner.stocks.lock();
-                let s = stocks.entry(key.clone()).or_insert_with(|| Stock::new(now));
+                let s = stock(&mut stocks, key, now);
                 if !counted {
                     s.demand(now);
                     counted = true;
