@@ -85,7 +85,7 @@ pub(crate) async fn serve_client(count: ClientCount, accepted: Box<(Stream, Sock
     // Boxed: the login's state lives on the heap only while it runs, not in every idle client's task.
     let Some(login) = Box::pin(login(&count.0, stream, addr, peer_admin)).await else { return };
     if matches!(login.logged_in.target, Target::Admin) {
-        let Login { stream, rbuf, addr, logged_in } = *login;
+        let Login { stream, rbuf, addr, logged_in } = unbox(login);
         return Box::pin(admin_console(count.0.clone(), stream, rbuf, addr, logged_in)).await;
     }
     serve_pooled(count, login).await
