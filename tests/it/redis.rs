@@ -105,6 +105,15 @@ async fn fleet(n: usize, mut settings: Settings) -> Vec<Proxy> {
     v
 }
 
+/// One client logged in through each instance.
+async fn one_client_each(proxies: &[Proxy]) -> Vec<Client> {
+    let mut clients = vec![];
+    for p in proxies {
+        clients.push(p.client().await);
+    }
+    clients
+}
+
 /// Sends `rounds` queries through each client in turn: (admitted, refused with 53400); any other error fails.
 async fn flood(clients: &[Client], rounds: usize) -> (usize, usize) {
     let (mut ok, mut refused) = (0, 0);
@@ -126,10 +135,7 @@ async fn flood(clients: &[Client], rounds: usize) -> (usize, usize) {
 async fn a_query_rate_and_its_burst_hold_across_instances() {
     let redis = RedisServer::start();
     let proxies = fleet(3, limited(&redis, 1, 3)).await;
-    let mut clients = vec![];
-    for p in &proxies {
-        clients.push(p.client().await);
-    }
+    let clients = one_client_each(&proxies).await;
     let start = Instant::now();
     let (ok, refused) = flood(&clients, 4).await;
     // One token a second after a burst of 3, for all three together (alone, each would admit its own 3).
@@ -179,10 +185,7 @@ async fn a_global_connection_cap_counts_every_instance_and_frees_on_disconnect()
 async fn with_redis_down_each_instance_takes_its_share_and_the_global_rate_returns_with_redis() {
     let mut redis = RedisServer::start();
     let proxies = fleet(2, limited(&redis, 1, 4)).await;
-    let mut clients = vec![];
-    for p in &proxies {
-        clients.push(p.client().await);
-    }
+    let clients = one_client_each(&proxies).await;
     redis.kill();
     // Nobody waits for Redis and nobody is refused for want of it: each instance admits its share of the burst (2).
     let (ok, _) = flood(&clients, 3).await;
@@ -232,10 +235,7 @@ async fn a_tls_redis_is_verified_against_the_configured_ca_and_an_unverified_one
     let url = format!("rediss://127.0.0.1:{}", redis.port);
     let tls = Settings { redis_url: Some(url.clone()), redis_tls_ca_file: Some(certs.path("ca.crt")), ..limited(&redis, 1, 2) };
     let proxies = fleet(2, tls).await;
-    let mut clients = vec![];
-    for p in &proxies {
-        clients.push(p.client().await);
-    }
+    let clients = one_client_each(&proxies).await;
     let start = Instant::now();
     let (ok, _) = flood(&clients, 3).await;
     let most = 2 + start.elapsed().as_secs() as usize + 1;
