@@ -208,6 +208,14 @@ impl SessionTimers {
 mod tests {
     use super::*;
 
+    #[test]
+    fn timeouts_are_kept_in_whole_milliseconds_rounding_up_and_saturating() {
+        assert_eq!(Ms::of(Duration::from_millis(300)).get(), Duration::from_millis(300));
+        assert_eq!(Ms::of(Duration::from_micros(1_500)).get(), Duration::from_millis(2), "a part of a millisecond counts");
+        assert!(Ms::of(Duration::ZERO).is_zero() && !Ms::of(Duration::from_nanos(1)).is_zero(), "only 0 is off");
+        assert_eq!(Ms::of(Duration::from_secs(u64::MAX)).0, u32::MAX, "longer than ~49 days saturates");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn arms_for_the_state_the_session_is_in() {
         let cfg =
